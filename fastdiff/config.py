@@ -1,0 +1,196 @@
+"""Configuration: guided-diffusion's flags as dataclasses, and GD's argparse built from them.
+
+The three dataclasses hold every flag of GD's ``scripts/image_train.py`` with GD's defaults
+(model, diffusion, training) plus fastdiff's own (kernels, precision, checkpoints). Each
+field's ``help`` metadata is its documentation and its ``--help`` text. The command line
+accepts GD's spelling and GD's boolean parsing, so an existing GD command line runs as is.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The UNet (GD's model flags, GD's defaults)."""
+    image_size: int = _f(64, "side of the square training images, in pixels")
+    num_channels: int = _f(128, "base channel count of the UNet")
+    num_res_blocks: int = _f(2, "ResBlocks per resolution")
+    num_heads: int = _f(4, "attention heads (ignored when num_head_channels is set)")
+    num_heads_upsample: int = _f(-1, "heads in the decoder's attention; -1 = num_heads")
+    num_head_channels: int = _f(-1, "channels per attention head; -1 = use num_heads")
+    attention_resolutions: str = _f("16,8", "comma-separated feature-map sizes that get attention")
+    channel_mult: str = _f("", "comma-separated channel multipliers; '' = GD's default for the image size")
+    dropout: float = _f(0.0, "dropout in the ResBlocks")
+    class_cond: bool = _f(False, "condition on class labels (y)")
+    use_checkpoint: bool = _f(False, "activation checkpointing (torch.utils.checkpoint, non-reentrant)")
+    use_scale_shift_norm: bool = _f(True, "FiLM-style timestep conditioning in the ResBlocks' second norm")
+    resblock_updown: bool = _f(False, "ResBlocks for up/downsampling")
+    use_fp16: bool = _f(False, "GD's fp16 flag: here it means --precision fp16 (autocast, fp32 master weights)")
+    use_new_attention_order: bool = _f(False, "split q/k/v before heads (QKVAttention) instead of after (legacy)")
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion (GD's diffusion flags, GD's defaults)."""
+    learn_sigma: bool = _f(False, "the model also predicts the variance (6 output channels, hybrid loss)")
+    diffusion_steps: int = _f(1000, "number of diffusion steps T")
+    noise_schedule: str = _f("linear", "beta schedule: linear or cosine")
+    timestep_respacing: str = _f("", "respacing: '', 'N', 'a,b,c' or 'ddimN'")
+    use_kl: bool = _f(False, "train on the variational bound (RESCALED_KL)")
+    predict_xstart: bool = _f(False, "the model predicts x_0 instead of the noise")
+    rescale_timesteps: bool = _f(False, "feed the model t scaled to [0, 1000)")
+    rescale_learned_sigmas: bool = _f(False, "RESCALED_MSE loss (vb term scaled by T/1000)")
+
+
+@dataclass
+class TrainConfig:
+    """The training run (GD's image_train.py flags, then fastdiff's)."""
+    data_dir: str = _f("", "image folder; '' = the embedded digits dataset with a small preset")
+    schedule_sampler: str = _f("uniform", "timestep sampler: uniform or loss-second-moment")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    lr_anneal_steps: int = _f(0, "linear lr decay to 0 over this many steps, then stop; 0 = off")
+    batch_size: int = _f(1, "images per rank per step")
+    microbatch: int = _f(-1, "split each batch into microbatches of this size (gradients summed, as GD); -1 = off")
+    ema_rate: str = _f("0.9999", "comma-separated EMA rates")
+    log_interval: int = _f(10, "steps between metric dumps")
+    save_interval: int = _f(10000, "steps between checkpoints")
+    resume_checkpoint: str = _f("", "a GD model*.pt to start from, or 'latest' in --log_dir")
+    fp16_scale_growth: float = _f(1e-3, "log2 loss-scale growth per good fp16 step")
+    # fastdiff's own flags
+    seed: int = _f(0, "random seed (torch, the timestep sampler, data order); each rank offsets it")
+    log_dir: str = _f("", "run folder; '' = $OPENAI_LOGDIR or a new ./runs/<timestamp>")
+    max_steps: int = _f(0, "stop after this many steps without touching the lr schedule; 0 = no limit")
+    precision: str = _f("", "fp32, bf16 or fp16 (autocast, fp32 master weights); '' = fp16 if --use_fp16 else fp32")
+    class_from: str = _f("filename", "class label from the 'filename' prefix (GD) or the parent 'folder'")
+    num_workers: int = _f(-1, "data loader worker processes; -1 = automatic")
+    norm_backend: str = _f("auto", "GroupNorm+SiLU: fused (Triton op), torch (GD modules) or auto (fused on CUDA)")
+    attention_backend: str = _f("auto", "attention: triton, sdpa, xformers, math (GD einsum) or auto")
+    optimizer: str = _f("fused", "fused (C++/CUDA AdamW+EMA in one pass) or torch (AdamW + EMA loop)")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value; 0 = off (GD)")
+    compile: bool = _f(False, "torch.compile the UNet (default on when CUDA is available)")
+    keep_latest: int = _f(0, "keep only the newest N checkpoints; 0 = keep all")
+    skip_nonfinite: bool = _f(False, "skip a step whose loss is not finite instead of stopping")
+    sample_grid: bool = _f(True, "write a sample grid PNG at the end of training")
+    device: str = _f("", "cuda or cpu; '' = cuda when available")
+
+
+CONFIG_CLASSES = (ModelConfig, DiffusionConfig, TrainConfig)
+
+
+def model_and_diffusion_defaults():
+    """GD's model + diffusion keyword defaults (same names, same values)."""
+    return {**dataclasses.asdict(ModelConfig()), **dataclasses.asdict(DiffusionConfig())}
+
+
+def str2bool(v):
+    """GD's boolean parsing: yes/true/t/y/1 and no/false/f/n/0, case-insensitive."""
+    if isinstance(v, bool):
+        return v
+    low = v.lower()
+    if low in ("yes", "true", "t", "y", "1"):
+        return True
+    if low in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def add_dataclass_arguments(parser, cls, defaults=None):
+    """Add one ``--name`` per field of ``cls`` (GD spelling; bare boolean flags mean True)."""
+    defaults = defaults or {}
+    for f in fields(cls):
+        default = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True,
+                                default=default, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(f"--{f.name}", type=typ, default=default, help=help_text)
+
+
+def build_parser(classes=CONFIG_CLASSES, extra_defaults=None, description=None):
+    parser = argparse.ArgumentParser(description=description)
+    for cls in classes:
+        add_dataclass_arguments(parser, cls, extra_defaults)
+    return parser
+
+
+def split_args(args, classes=CONFIG_CLASSES):
+    """An argparse Namespace → one dataclass instance per class, in order."""
+    values = vars(args)
+    return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in classes)
+
+
+def explicit_flags(argv):
+    """Names of the flags given on the command line (``--name`` or ``--name=value``)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            names.add(token[2:].split("=", 1)[0])
+    return names
+
+
+def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=None):
+    """'auto' → the fast path on CUDA (fused norm, Triton attention), GD's modules on CPU.
+
+    On CPU the fused op runs its torch fallback, so 'auto' keeps GD's own module tree there,
+    except for attention, where SDPA computes the same function without materialising
+    GD's per-head fp32 copies.
+    """
+    import torch
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = device_type == "cuda"
+    if norm_backend == "auto":
+        norm_backend = "fused" if on_cuda else "torch"
+    if attention_backend == "auto":
+        attention_backend = "triton" if on_cuda else "sdpa"
+    if norm_backend not in ("fused", "torch"):
+        raise ValueError(f"--norm_backend must be fused, torch or auto, got {norm_backend!r}")
+    if attention_backend not in ("triton", "sdpa", "xformers", "math"):
+        raise ValueError("--attention_backend must be triton, sdpa, xformers, math or auto, "
+                         f"got {attention_backend!r}")
+    return norm_backend, attention_backend
+
+
+def create_model_and_diffusion(*, norm_backend="torch", attention_backend="math", **kwargs):
+    """GD's ``create_model_and_diffusion``: same keywords, returns ``(model, diffusion)``.
+
+    Called without backends (as GD code does), the model is GD's own module tree
+    (torch GroupNorm, einsum attention), so numbers are GD's; the trainer passes the
+    backends it resolved.
+    """
+    from fastdiff.diffusion import create_gaussian_diffusion
+    from fastdiff.models import create_model
+
+    expected = model_and_diffusion_defaults()
+    unknown = sorted(set(kwargs) - set(expected))
+    if unknown:
+        raise TypeError(f"create_model_and_diffusion() got unexpected keywords: {', '.join(unknown)}")
+    missing = sorted(set(expected) - set(kwargs))
+    if missing:
+        raise TypeError(f"create_model_and_diffusion() missing keywords: {', '.join(missing)}")
+    model_keys = {f.name for f in fields(ModelConfig)}
+    model = create_model(
+        **{k: v for k, v in kwargs.items() if k in model_keys},
+        learn_sigma=kwargs["learn_sigma"],
+        norm_backend=norm_backend,
+        attention_backend=attention_backend,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=kwargs["diffusion_steps"],
+        learn_sigma=kwargs["learn_sigma"],
+        noise_schedule=kwargs["noise_schedule"],
+        use_kl=kwargs["use_kl"],
+        predict_xstart=kwargs["predict_xstart"],
+        rescale_timesteps=kwargs["rescale_timesteps"],
+        rescale_learned_sigmas=kwargs["rescale_learned_sigmas"],
+        timestep_respacing=kwargs["timestep_respacing"],
+    )
+    return model, diffusion

@@ -1,0 +1,23 @@
+"""Training data: GD-compatible image folders and the embedded digits, as a resumable stream."""
+from .digits import DigitsDataset
+from .image_folder import (
+    DataError,
+    ImageFolderDataset,
+    UnreadableImage,
+    class_labels,
+    list_image_files,
+    resize_and_center_crop,
+)
+from .loader import DataStream, load_data
+
+__all__ = [
+    "DataError",
+    "DataStream",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "UnreadableImage",
+    "class_labels",
+    "list_image_files",
+    "load_data",
+    "resize_and_center_crop",
+]

@@ -1,0 +1,282 @@
+"""Attention custom ops: ``torch.ops.fastdiff.attention`` and ``torch.ops.fastdiff.qkv_attention``.
+
+Each op returns ``(out, lse)``; the log-sum-exp rows (fp32, natural log) are what the
+flash backward recomputes the probabilities from, so they are an op output the autograd
+formula saves. The Python wrappers :func:`attention` and :func:`qkv_attention` return
+only ``out``.
+
+Dispatch: CUDA → the Triton kernels (kernels/attention.py); every other device → a
+torch fallback (for ``qkv_attention`` exactly guided-diffusion's einsum math, so fp32
+results equal GD's), or the Triton kernels under TRITON_INTERPRET=1. The backward
+passes are custom ops too, so torch.compile sees the whole op pair as opaque nodes.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting():
+    """True when Triton runs kernels in its CPU interpreter (read like triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ----------------------------------------------------------------------------- shape rules
+def check_attention_inputs(q, k, v):
+    """Raise a one-line error unless q [B, H, Sq, D] and k, v [B, H, Sk, D] fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [batch, heads, seq, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"attention: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}; expected [B, H, Sq, D], [B, H, Sk, D], [B, H, Sk, D]")
+    if k.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"attention: empty key sequence or head dim (k shape {tuple(k.shape)})")
+
+
+def check_qkv_inputs(qkv, num_heads):
+    """Raise unless qkv is [N, 3·H·C, T] for ``num_heads`` heads; return the head dim C."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv_attention: qkv must be a tensor, got {type(qkv).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"qkv_attention: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv_attention: qkv must be 3-D [N, 3*heads*C, T], got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _DTYPES:
+        raise TypeError(f"qkv_attention: dtype {qkv.dtype}; expected float16, bfloat16 or float32")
+    width, length = qkv.shape[1], qkv.shape[2]
+    if width == 0 or width % (3 * num_heads) != 0:
+        raise ValueError(f"qkv_attention: channel count {width} is not a positive multiple of "
+                         f"3*num_heads = {3 * num_heads}")
+    if length == 0:
+        raise ValueError("qkv_attention: empty sequence (T = 0)")
+    return width // (3 * num_heads)
+
+
+def qkv_head_views(x, num_heads, legacy_order):
+    """q, k, v of a packed [N, 3·H·C, T] tensor as [N, H, T, C] views (no copy).
+
+    Legacy order (QKVAttentionLegacy): channels are (head, q|k|v, c). New order
+    (QKVAttention): channels are (q|k|v, head, c).
+    """
+    head_dim = check_qkv_inputs(x, num_heads)
+    if legacy_order:
+        split = x.unflatten(1, (num_heads, 3, head_dim))
+        parts = (split[:, :, 0], split[:, :, 1], split[:, :, 2])
+    else:
+        split = x.unflatten(1, (3, num_heads, head_dim))
+        parts = (split[:, 0], split[:, 1], split[:, 2])
+    return tuple(p.transpose(2, 3) for p in parts)
+
+
+def channels_as_heads(x, num_heads):
+    """[N, H·C, T] → its [N, H, T, C] view."""
+    return x.unflatten(1, (num_heads, -1)).transpose(2, 3)
+
+
+def _default_scale(head_dim, scale):
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# ----------------------------------------------------------------------------- torch fallbacks
+def _math_attention(q, k, v, scale):
+    """Reference attention in fp32; returns (out in q's dtype, lse fp32)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, v.float()).to(q.dtype), lse
+
+
+def _math_attention_backward(grad_out, q, k, v, scale):
+    """dq, dk, dv of softmax(q·kᵀ·scale)·v, computed in fp32 (probabilities recomputed)."""
+    qf, kf, vf, gf = q.float(), k.float(), v.float(), grad_out.float()
+    probs = torch.softmax(torch.matmul(qf, kf.transpose(-1, -2)) * scale, dim=-1)
+    dv = torch.matmul(probs.transpose(-1, -2), gf)
+    dprobs = torch.matmul(gf, vf.transpose(-1, -2))
+    dscores = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
+    dq = torch.matmul(dscores, kf) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _gd_qkv_attention(qkv, num_heads, legacy_order):
+    """guided-diffusion's attention math, op for op (so fp32 results match it bitwise):
+    C^-1/4 applied to q and to k in the input dtype, scores by einsum, softmax in fp32,
+    probabilities cast back to the input dtype, einsum with v."""
+    batch, width, length = qkv.shape
+    head_dim = width // (3 * num_heads)
+    rows = batch * num_heads
+    quarter_scale = 1 / math.sqrt(math.sqrt(head_dim))
+    if legacy_order:
+        q, k, v = qkv.reshape(rows, 3 * head_dim, length).split(head_dim, dim=1)
+        q_scaled, k_scaled = q * quarter_scale, k * quarter_scale
+    else:
+        q, k, v = qkv.chunk(3, dim=1)
+        q_scaled = (q * quarter_scale).view(rows, head_dim, length)
+        k_scaled = (k * quarter_scale).view(rows, head_dim, length)
+        v = v.reshape(rows, head_dim, length)
+    scores = torch.einsum("bct,bcs->bts", q_scaled, k_scaled)
+    probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    out = torch.einsum("bts,bcs->bct", probs, v).reshape(batch, -1, length).contiguous()
+    lse = torch.logsumexp(scores.float(), dim=-1).view(batch, num_heads, length)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- attention op
+@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_attention_inputs(q, k, v)
+    scale = _default_scale(q.shape[-1], scale)
+    if _interpreting():
+        from fastdiff.kernels.attention import attention_forward
+        return attention_forward(q, k, v, scale)
+    return _math_attention(q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale=None):
+    check_attention_inputs(q, k, v)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_attention_op.register_kernel("cuda")
+def _(q, k, v, scale=None):
+    from fastdiff.kernels.attention import attention_forward
+    return attention_forward(q, k, v, _default_scale(q.shape[-1], scale))
+
+
+@torch.library.custom_op("fastdiff::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor,
+                           scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = _default_scale(q.shape[-1], scale)
+    if _interpreting():
+        from fastdiff.kernels.attention import attention_backward
+        return attention_backward(grad_out, q, k, v, out, lse, scale)
+    return _math_attention_backward(grad_out, q, k, v, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, scale=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@_attention_backward_op.register_kernel("cuda")
+def _(grad_out, q, k, v, out, lse, scale=None):
+    from fastdiff.kernels.attention import attention_backward
+    return attention_backward(grad_out, q, k, v, out, lse, _default_scale(q.shape[-1], scale))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------- qkv op
+@torch.library.custom_op("fastdiff::qkv_attention", mutates_args=())
+def _qkv_attention_op(qkv: torch.Tensor, num_heads: int,
+                      legacy_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    check_qkv_inputs(qkv, num_heads)
+    if _interpreting():
+        from fastdiff.kernels.attention import qkv_attention_forward
+        return qkv_attention_forward(qkv, num_heads, legacy_order)
+    return _gd_qkv_attention(qkv, num_heads, legacy_order)
+
+
+@_qkv_attention_op.register_fake
+def _(qkv, num_heads, legacy_order=True):
+    head_dim = check_qkv_inputs(qkv, num_heads)
+    batch, _, length = qkv.shape
+    return (qkv.new_empty((batch, num_heads * head_dim, length)),
+            qkv.new_empty((batch, num_heads, length), dtype=torch.float32))
+
+
+@_qkv_attention_op.register_kernel("cuda")
+def _(qkv, num_heads, legacy_order=True):
+    from fastdiff.kernels.attention import qkv_attention_forward
+    return qkv_attention_forward(qkv, num_heads, legacy_order)
+
+
+@torch.library.custom_op("fastdiff::qkv_attention_backward", mutates_args=())
+def _qkv_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                               lse: torch.Tensor, num_heads: int, legacy_order: bool = True) -> torch.Tensor:
+    if _interpreting():
+        from fastdiff.kernels.attention import qkv_attention_backward
+        return qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
+    q, k, v = qkv_head_views(qkv, num_heads, legacy_order)
+    grads = _math_attention_backward(channels_as_heads(grad_out, num_heads), q, k, v,
+                                     1.0 / math.sqrt(q.shape[-1]))
+    grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    for view, grad in zip(qkv_head_views(grad_qkv, num_heads, legacy_order), grads):
+        view.copy_(grad)
+    return grad_qkv
+
+
+@_qkv_attention_backward_op.register_fake
+def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
+    return qkv.new_empty(qkv.shape)
+
+
+@_qkv_attention_backward_op.register_kernel("cuda")
+def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
+    from fastdiff.kernels.attention import qkv_attention_backward
+    return qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, num_heads, legacy_order = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.layout = (num_heads, legacy_order)
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return _qkv_attention_backward_op(grad_out, qkv, out, lse, *ctx.layout), None, None
+
+
+_qkv_attention_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def attention(q, k, v, scale=None):
+    """softmax(q·kᵀ·scale)·v as a differentiable custom op (no graph break under compile).
+
+    q: [B, H, Sq, D], k and v: [B, H, Sk, D], float16/bfloat16/float32, any strides;
+    ``scale`` defaults to 1/sqrt(D). CUDA runs the Triton flash kernels (D ≤ 128), CPU a
+    fp32 torch fallback (the Triton kernels under TRITON_INTERPRET=1).
+    """
+    return _attention_op(q, k, v, scale)[0]
+
+
+def qkv_attention(qkv, num_heads, legacy_order=True):
+    """guided-diffusion's QKV attention on the packed [N, 3·H·C, T] tensor → [N, H·C, T].
+
+    ``legacy_order=True`` matches QKVAttentionLegacy, False QKVAttention. CUDA runs the
+    Triton kernels reading qkv in place (C ≤ 128); CPU runs GD's einsum math.
+    """
+    return _qkv_attention_op(qkv, num_heads, legacy_order)[0]

@@ -1,0 +1,136 @@
+"""Find, build and load the C++/CUDA extension behind ``torch.ops.fastdiff.adam_ema_``.
+
+Order of preference:
+
+1. ``fastdiff/_C*.so`` built by setup.py (``pip install --no-build-isolation -e .``),
+   unless csrc/ has changed since it was built (editable checkouts);
+2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja, ~20 s on first
+   use, then cached under ``TORCH_EXTENSIONS_DIR`` or torch's default cache);
+3. nothing: ``extension_available()`` returns False, a warning on the "fastdiff" logger
+   says why once, and the optimizer runs its pure-torch foreach path.
+
+The sources are csrc/ next to the package in a checkout (editable install), or
+``fastdiff/csrc/`` where setup.py copied them for a regular install.
+"""
+import importlib.util
+import logging
+import os
+import pathlib
+import shutil
+import threading
+
+import torch
+
+LOG = logging.getLogger("fastdiff")
+
+CPU_SOURCES = ("adam_ema_cpu.cpp", "binding.cpp")
+CUDA_SOURCES = ("adam_ema_cuda.cu", "binding_cuda.cpp")
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+NVCC_FLAGS = ("-O3",)
+
+_lock = threading.Lock()
+_status = None  # None: not tried yet; True/False: extension usable or not
+
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent
+CHECKOUT_SOURCES = PACKAGE_DIR.parent / "csrc"  # editable install: the repository's csrc/
+PACKAGED_SOURCES = PACKAGE_DIR / "csrc"  # regular install: copied there by setup.py
+
+
+def sources_dir():
+    """Directory holding the csrc/ sources, or None if this install has none."""
+    for candidate in (CHECKOUT_SOURCES, PACKAGED_SOURCES):
+        if (candidate / "binding.cpp").is_file():
+            return candidate
+    return None
+
+
+def _ops_registered():
+    return hasattr(torch.ops.fastdiff, "adam_ema_")
+
+
+def _prebuilt_library():
+    """Path of the setup.py-built library, or None if absent or older than csrc/."""
+    spec = importlib.util.find_spec("fastdiff._C")
+    if spec is None or spec.origin is None:
+        return None
+    # In a checkout, csrc/ may have been edited since setup.py built the library.
+    built = os.path.getmtime(spec.origin)
+    if CHECKOUT_SOURCES.is_dir() and any(
+            os.path.getmtime(p) > built for p in CHECKOUT_SOURCES.iterdir()):
+        LOG.info("fastdiff: %s is older than %s; building the extension just in time",
+                 spec.origin, CHECKOUT_SOURCES)
+        return None
+    return spec.origin
+
+
+def _want_cuda():
+    from torch.utils import cpp_extension
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _jit_build():
+    """Build the extension with ninja and load it into torch.ops; returns its path."""
+    from torch.utils import cpp_extension
+    src = sources_dir()
+    if src is None:
+        raise RuntimeError("the csrc/ sources are not part of this install")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} not found)")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed")
+    with_cuda = _want_cuda()
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    LOG.info("fastdiff: building the Adam+EMA extension just in time (%s, cached)",
+             "CPU+CUDA" if with_cuda else "CPU")
+    return cpp_extension.load(
+        name="fastdiff_adam_ema_cuda" if with_cuda else "fastdiff_adam_ema_cpu",
+        sources=[str(src / name) for name in names],
+        extra_cflags=list(CXX_FLAGS),
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        extra_ldflags=["-fopenmp"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _load():
+    if _ops_registered():
+        return "already loaded"
+    prebuilt = _prebuilt_library()
+    if prebuilt is not None:
+        torch.ops.load_library(prebuilt)
+        return prebuilt
+    return _jit_build()
+
+
+def extension_available():
+    """Load the extension once per process; True if ``torch.ops.fastdiff.adam_ema_`` works.
+
+    On failure (no compiler, no ninja, no sources, a build error) logs one warning naming
+    the fallback and returns False from then on.
+    """
+    global _status
+    with _lock:
+        if _status is None:
+            try:
+                where = _load()
+            except Exception as error:  # any build/load failure means: use the fallback
+                LOG.warning(
+                    "fastdiff: C++ Adam+EMA extension unavailable (%s: %s); FusedAdamEMA "
+                    "uses the slower pure-torch foreach path "
+                    "(fastdiff.optim.fused_adam_ema.adam_ema_foreach)",
+                    type(error).__name__, str(error).strip().splitlines()[-1] if str(error) else "")
+                _status = False
+            else:
+                LOG.info("fastdiff: C++ Adam+EMA extension loaded (%s)", where)
+                _status = True
+        return _status
+
+
+def has_cuda_kernels():
+    """True if the loaded extension has CUDA kernels (it was built against a CUDA torch)."""
+    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastdiff::adam_ema_", "CUDA")

@@ -1,0 +1,312 @@
+"""Data pipeline: GD's folder semantics, the embedded digits, and the resumable stream."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.data import (
+    DataError,
+    DigitsDataset,
+    ImageFolderDataset,
+    class_labels,
+    list_image_files,
+    load_data,
+)
+from fastdiff.data.image_folder import read_image
+
+SIZE = 8  # images are written at this size, so resize/crop is the identity in stream tests
+
+
+def _color(i):
+    """A distinct RGB colour per image id, so an image names its file."""
+    return (10 + 7 * i, 250 - 11 * i, (40 + 53 * i) % 256)
+
+
+def _write_marked(path, i, size=SIZE):
+    """One colour per image id, with a black left column so that a flip shows."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.empty((size, size, 3), dtype=np.uint8)
+    pixels[:] = _color(i)
+    pixels[:, 0] = 0
+    Image.fromarray(pixels).save(path)
+
+
+def _image_id(chw):
+    """The id of an image written by _write_marked (flipped or not)."""
+    rgb = tuple(round((float(v) + 1) * 127.5) for v in chw[:, 0, SIZE // 2])
+    matches = [i for i in range(64) if _color(i) == rgb]
+    assert len(matches) == 1, rgb
+    assert torch.all(chw[:, :, 0] == -1) or torch.all(chw[:, :, -1] == -1)
+    return matches[0]
+
+
+def _marked_folder(root, count):
+    """`count` marked images k<i // 3>_<i>.png: ids follow the sorted files, class = id // 3."""
+    for i in range(count):
+        _write_marked(os.path.join(root, f"k{i // 3}_{i:02d}.png"), i)
+    return str(root)
+
+
+def _batches(stream, count):
+    return [next(stream) for _ in range(count)]
+
+
+def _ids(batches):
+    return [[_image_id(x) for x in images] for images, _ in batches]
+
+
+# ---------------------------------------------------------------- listing and classes
+
+
+def test_listing_is_gd_order_recursive_and_filters_extensions(tmp_path):
+    for name in ["b_1.png", "a.png", "a_2.JPG", "a/z_3.jpeg", "a/deep/y_4.gif", "A_5.PNG",
+                 "notes.txt", "noext", "a/skip.bmp"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(("png", "PNG", "JPG", "jpeg", "gif")):
+            image_format = path.suffix[1:].upper().replace("JPG", "JPEG")
+            Image.new("RGB", (4, 4)).save(path, format=image_format)
+        else:
+            path.write_text("x")
+    files = [os.path.relpath(p, tmp_path) for p in list_image_files(str(tmp_path))]
+    # Each directory sorted on its own ("a" < "a.png" < "a_2.JPG"), subfolders where they sort.
+    assert files == ["A_5.PNG", "a/deep/y_4.gif", "a/z_3.jpeg", "a.png", "a_2.JPG", "b_1.png"]
+
+
+def test_class_ids_from_sorted_filename_prefixes(tmp_path):
+    files = ["dog_1.png", "cat_2.png", "dog_3.png", "ant.png", "cat_x_y.png"]
+    labels, names = class_labels(files, str(tmp_path), "filename")
+    # GD: prefix before the first "_"; a name without "_" is its own class, extension included.
+    assert names == ["ant.png", "cat", "dog"]
+    assert labels == [2, 1, 2, 0, 1]
+
+
+def test_class_from_folder_uses_first_subfolder(tmp_path):
+    for i, rel in enumerate(["dog/d_1.png", "cat/b.png", "cat/sub/a.png", "emu/x_9.png"]):
+        _write_marked(str(tmp_path / rel), i)
+    dataset = ImageFolderDataset(str(tmp_path), SIZE, class_cond=True, class_from="folder")
+    by_file = {os.path.relpath(f, tmp_path): y for f, y in zip(dataset.files, dataset.labels)}
+    assert by_file == {"cat/b.png": 0, "cat/sub/a.png": 0, "dog/d_1.png": 1, "emu/x_9.png": 2}
+    assert dataset.class_names == ["cat", "dog", "emu"] and dataset.num_classes == 3
+
+    _write_marked(str(tmp_path / "loose.png"), 5)
+    with pytest.raises(DataError, match="loose.png"):
+        ImageFolderDataset(str(tmp_path), SIZE, class_cond=True, class_from="folder")
+
+
+def test_stream_labels_follow_class_ids(tmp_path):
+    root = _marked_folder(tmp_path, 9)
+    stream = load_data(data_dir=root, batch_size=3, image_size=SIZE, class_cond=True,
+                       num_workers=0)
+    for images, cond in _batches(stream, 6):
+        expected = [_image_id(x) // 3 for x in images]
+        assert cond["y"].dtype == torch.int64 and cond["y"].tolist() == expected
+    images, cond = next(load_data(data_dir=root, batch_size=3, image_size=SIZE, num_workers=0))
+    assert cond == {} and images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_box_halving_then_center_crop_on_known_pattern(tmp_path):
+    # 52×24 image of 4×4 blocks: two box halvings (short side 24 ≥ 12, then 12 ≥ 12) give one
+    # pixel per block, 13×6; short side 6 = image_size so bicubic is the identity; the crop
+    # keeps columns (13 - 6) // 2 = 3 .. 8 of every row.
+    size = 6
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, size=(6, 13), dtype=np.uint8)
+    gray = np.kron(blocks, np.ones((4, 4), dtype=np.uint8))
+    path = str(tmp_path / "pattern.png")
+    Image.fromarray(gray, mode="L").save(path)  # grayscale file: converted to RGB on read
+    out = read_image(path, size)
+    expected = blocks[:, 3:9].astype(np.float32) / 127.5 - 1
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    for channel in out:
+        np.testing.assert_array_equal(channel.numpy(), expected)
+
+
+def test_bicubic_resize_scales_short_side_and_maps_to_unit_range(tmp_path):
+    # 10×7 → short side 7 scaled to 5: width round(10 * 5 / 7) = 7, crop offset 1. A constant
+    # image stays constant; its value maps by x / 127.5 - 1.
+    path = str(tmp_path / "flat.jpg")
+    Image.new("RGB", (10, 7), (0, 255, 51)).save(path, format="PNG")
+    out = read_image(path, 5)
+    assert out.shape == (3, 5, 5)
+    assert torch.equal(out[0], torch.full((5, 5), -1.0))
+    assert torch.equal(out[1], torch.full((5, 5), 1.0))
+    assert torch.equal(out[2], torch.full((5, 5), np.float32(51) / np.float32(127.5) - 1))
+
+
+def test_random_flip_mirrors_along_width(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        pixels = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"img_{i}.png")
+    common = dict(data_dir=str(tmp_path), batch_size=6, image_size=SIZE, seed=3, num_workers=0)
+    flipped = _batches(load_data(random_flip=True, **common), 4)
+    plain = _batches(load_data(random_flip=False, **common), 4)
+    outcomes = []
+    for (a, _), (b, _) in zip(flipped, plain):  # the order does not depend on random_flip
+        for x, y in zip(a, b):
+            mirrored = torch.equal(x, y.flip(-1))
+            assert mirrored or torch.equal(x, y)
+            outcomes.append(mirrored)
+    assert any(outcomes) and not all(outcomes)
+
+
+# ---------------------------------------------------------------- sharding and the stream
+
+
+def test_shards_are_gd_slices_of_the_sorted_list(tmp_path):
+    root = _marked_folder(tmp_path, 7)
+    files = list_image_files(root)
+    shards = [ImageFolderDataset(root, SIZE, rank=r, world_size=2).files for r in range(2)]
+    assert shards == [files[0::2], files[1::2]]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(files)
+
+    for rank in range(2):  # the stream of a rank reads exactly its shard
+        stream = load_data(data_dir=root, batch_size=1, image_size=SIZE, deterministic=True,
+                           rank=rank, world_size=2, num_workers=0)
+        seen = [ids[0] for ids in _ids(_batches(stream, len(shards[rank])))]
+        assert seen == list(range(rank, 7, 2))
+
+
+def test_stream_is_infinite_shuffles_per_epoch_and_drops_last(tmp_path):
+    root = _marked_folder(tmp_path, 8)
+    stream = load_data(data_dir=root, batch_size=3, image_size=SIZE, num_workers=0)
+    epochs = [sum(_ids(_batches(stream, 2)), []) for _ in range(4)]  # 8 // 3 = 2 batches each
+    for epoch in epochs:
+        assert len(set(epoch)) == 6  # no repeats within an epoch, 8 % 3 = 2 dropped
+    assert len({tuple(e) for e in epochs}) > 1
+    # The next sample is past the end of epoch 3, i.e. the start of epoch 4.
+    assert stream.state_dict()["epoch"] == 3 and stream.state_dict()["position"] == 6
+
+    ordered = load_data(data_dir=root, batch_size=3, image_size=SIZE, deterministic=True,
+                        num_workers=0)
+    for _ in range(3):
+        assert sum(_ids(_batches(ordered, 2)), []) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_with_the_uninterrupted_batches(tmp_path, num_workers):
+    root = _marked_folder(tmp_path, 11)
+    (tmp_path / "k1_corrupt.png").write_bytes(b"GIF89a")  # also read (and skipped) by workers
+    options = dict(data_dir=root, batch_size=4, image_size=SIZE, class_cond=True, seed=5,
+                   num_workers=num_workers)
+    stream = load_data(**options)
+    _batches(stream, 3)  # crosses the epoch boundary (2 batches per epoch)
+    state = stream.state_dict()
+    expected = _batches(stream, 5)  # workers have prefetched past the saved position
+
+    resumed = load_data(**options)
+    resumed.load_state_dict(state)
+    for (x, cond), (x_ref, cond_ref) in zip(_batches(resumed, 5), expected):
+        assert torch.equal(x, x_ref) and torch.equal(cond["y"], cond_ref["y"])
+
+
+def test_resume_on_changed_data_restarts_the_saved_epoch(tmp_path, caplog):
+    root = _marked_folder(tmp_path, 6)
+    options = dict(data_dir=root, batch_size=2, image_size=SIZE, seed=4, num_workers=0)
+    stream = load_data(**options)
+    _batches(stream, 4)  # epoch 1, position 2
+    state = stream.state_dict()
+    _write_marked(os.path.join(root, "k9_new.png"), 20)
+    changed = load_data(**options)
+    with caplog.at_level(logging.WARNING, logger="fastdiff.data"):
+        changed.load_state_dict(state)
+    assert "data changed" in caplog.text
+    assert changed.state_dict() == {"epoch": 1, "position": 0, "num_images_this_rank": 7}
+
+
+def test_corrupt_image_is_warned_once_and_skipped(tmp_path, caplog):
+    root = _marked_folder(tmp_path, 7)
+    bad = tmp_path / "k0_bad.png"  # 4th in file order
+    bad.write_bytes(b"\x89PNG not really")
+    options = dict(data_dir=root, batch_size=2, image_size=SIZE, deterministic=True, seed=1,
+                   num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="fastdiff.data"):
+        stream = load_data(**options)
+        epochs = [sum(_ids(_batches(stream, 3)), []) for _ in range(3)]  # 7 readable → 3 batches
+    warnings = [r for r in caplog.records if str(bad) in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert epochs == [[0, 1, 2, 3, 4, 5]] * 3  # file order, the 7th readable image dropped
+
+    # The corrupt file's gap is filled by the next readable images, so the second batch takes
+    # one sample of the next read chunk (images 2 and 3, leaving 4 buffered); resuming after any
+    # number of batches still replays exactly.
+    reference = load_data(**options)
+    uninterrupted = [next(reference) for _ in range(9)]
+    for consumed in range(1, 6):
+        stream = load_data(**options)
+        _batches(stream, consumed)
+        resumed = load_data(**options)
+        resumed.load_state_dict(stream.state_dict())
+        for (x, _), (x_ref, _) in zip(_batches(resumed, 3), uninterrupted[consumed:]):
+            assert torch.equal(x, x_ref)
+
+
+def test_too_few_readable_images_is_a_data_error(tmp_path):
+    root = _marked_folder(tmp_path, 3)
+    with pytest.raises(DataError, match="batch_size=4"):
+        load_data(data_dir=root, batch_size=4, image_size=SIZE, num_workers=0)
+    for i in range(3):
+        (tmp_path / f"z_{i}.png").write_bytes(b"garbage")
+    stream = load_data(data_dir=root, batch_size=4, image_size=SIZE, num_workers=0)
+    with pytest.raises(DataError, match="readable"):
+        next(stream)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_images"])
+def test_unusable_directory_is_a_one_line_data_error(tmp_path, layout):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "no_images":
+        (root / "sub").mkdir()
+        (root / "sub" / "readme.txt").write_text("x")
+    with pytest.raises(DataError) as info:
+        load_data(data_dir=str(root), batch_size=1, image_size=SIZE)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert str(root) in message and "\n" not in message
+
+
+def test_bad_arguments_are_value_errors(tmp_path):
+    root = _marked_folder(tmp_path, 2)
+    with pytest.raises(ValueError, match="class_from"):
+        load_data(data_dir=root, batch_size=1, image_size=SIZE, class_from="parent")
+    with pytest.raises(ValueError, match="rank"):
+        load_data(data_dir=root, batch_size=1, image_size=SIZE, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        load_data(data_dir=root, batch_size=0, image_size=SIZE)
+
+
+# ---------------------------------------------------------------- embedded digits
+
+
+def test_digits_dataset_shape_range_labels_and_shards():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    native = DigitsDataset(8, class_cond=True)  # 8 → 8: bilinear is the identity
+    assert len(native) == 1797 and native.num_images == 1797 and native.num_classes == 10
+    expected = torch.from_numpy(digits.images[5].astype(np.float32) / 8 - 1)
+    assert torch.allclose(native.load(5), expected.expand(3, 8, 8), atol=1e-6)
+    assert native.labels[5] == digits.target[5]
+
+    shards = [DigitsDataset(8, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [899, 898] and shards[0].labels is None
+    assert torch.equal(shards[1].load(0), native.load(1))
+
+    stream = load_data(batch_size=64, image_size=20, class_cond=True, seed=0)
+    seen = set()
+    for images, cond in _batches(stream, 5):
+        assert images.shape == (64, 3, 20, 20) and images.dtype == torch.float32
+        assert images.min() >= -1 and images.max() <= 1 and images.min() < 0 < images.max()
+        assert torch.equal(images[:, 0], images[:, 2])  # gray replicated to RGB
+        seen.update(cond["y"].tolist())
+    assert seen == set(range(10))
+    assert stream.dataset_summary()["num_classes"] == 10 and stream.num_workers == 0
