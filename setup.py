@@ -90,7 +90,6 @@ setup(
         "fastdiff.kernels",
     ],
     package_dir={"fastdiff.kernels": "kernels"},
-    package_data={"fastdiff": ["../csrc/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

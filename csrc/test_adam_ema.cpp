@@ -410,7 +410,9 @@ int main() {
   for (ElemType g : grad_types) {
     for (ElemType m : model_types) test_update_matches_scalar_reference(g, m, 1, 2);
   }
-  for (int k : {0, 2, 3}) test_update_matches_scalar_reference(ElemType::kFloat32, ElemType::kNone, k, 3);
+  for (int k : {0, 2, 3}) {
+    test_update_matches_scalar_reference(ElemType::kFloat32, ElemType::kNone, k, 3);
+  }
   test_update_matches_scalar_reference(ElemType::kBFloat16, ElemType::kBFloat16, 2, 1);
   test_conversions(ElemType::kBFloat16);
   test_conversions(ElemType::kFloat16);

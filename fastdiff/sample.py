@@ -130,11 +130,14 @@ def _read_run_config(model_path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     from fastdiff.train.checkpoint import CheckpointError
+    saved = (list(log.handlers), log.level, log.propagate)
     try:
         return _main(argv)
     except (CheckpointError, ValueError) as e:
         print(f"fastdiff.sample: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def _main(argv):

@@ -24,6 +24,7 @@ IEEE fp32 unless TF32 is allowed. Under TRITON_INTERPRET=1, bf16/fp16 dots are
 computed in fp32 after rounding the operands to the input dtype, because the
 interpreter's low-precision dot is wrong.
 """
+import contextlib
 import math
 
 import torch
@@ -64,6 +65,7 @@ KERNEL_CONFIGS = {
         _cfg(64, 128, 8, 2),
         _cfg(32, 64, 4, 3),
         _cfg(64, 64, 4, 2),
+        _cfg(32, 32, 4, 2),  # fits 99 KB parts (sm_86/89) with fp32 and head dim 128
     ],
     # dQ: one program per BLOCK_M queries, BLOCK_N keys per loop step.
     "backward_dq": [
@@ -71,13 +73,14 @@ KERNEL_CONFIGS = {
         _cfg(128, 64, 8, 2),
         _cfg(64, 32, 4, 3),
         _cfg(64, 64, 4, 2),
+        _cfg(32, 32, 4, 2),
     ],
 }
 INTERPRETER_CONFIG = _cfg(32, 16, 4, 1)
 DELTA_BLOCK_M = 64
 SM90_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block, H100/H200
-# IEEE fp32 dots run on FMA units: large tiles spill registers and take minutes to
-# compile, so fp32 without TF32 is limited to tiles of at most this many scores.
+# IEEE fp32 dots run on FMA units: large tiles spill registers and take up to a minute
+# each to compile, so fp32 without TF32 is limited to tiles of at most this many scores.
 _FP32_IEEE_MAX_TILE = 64 * 64
 
 
@@ -89,12 +92,14 @@ def head_dim_block(head_dim):
 def shared_memory_estimate(kind, cfg, block_d, element_size):
     """Upper bound of the shared memory (bytes) a config uses: the tiles that stay
     resident for the whole program plus ``num_stages`` copies of the two tiles each loop
-    step loads (K, V in the forward and dQ kernels; Q, dO in the dK/dV kernel). The
-    compile test checks this bound against the compiler's own figure."""
+    step loads (K, V in the forward and dQ kernels; Q, dO in the dK/dV kernel, which also
+    streams the fp32 lse and delta rows). The compile test checks this bound against the
+    compiler's own figure."""
     m, n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]
     resident, streamed = {"forward": (m, 2 * n), "backward_dkdv": (2 * n, 2 * m),
                           "backward_dq": (2 * m, 2 * n)}[kind]
-    return (resident + stages * streamed) * block_d * element_size
+    row_vectors = stages * 2 * m * 4 if kind == "backward_dkdv" else 0
+    return (resident + stages * streamed) * block_d * element_size + row_vectors
 
 
 def usable_configs(kind, block_d, element_size, input_precision="ieee", shared_limit=SM90_SHARED_BYTES):
@@ -121,7 +126,8 @@ def _autotune(kind):
 
     def early_prune(triton_configs, named_args, **kwargs):
         q = named_args["q_ptr"]
-        limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        props = torch.cuda.get_device_properties(q.device)
+        limit = getattr(props, "shared_memory_per_block_optin", SM90_SHARED_BYTES)
         allowed = usable_configs(kind, kwargs["BLOCK_D"], q.element_size(),
                                  kwargs["INPUT_PRECISION"], limit)
         return [c for c in triton_configs if _as_dict(c) in allowed]
@@ -290,11 +296,11 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, offs_m,
     dtype: tl.constexpr = do.dtype
     q_t = _dot_operand(q_t, dtype, DOT_FP32)
     do_op = _dot_operand(do, dtype, DOT_FP32)
-    # Transposed probabilities P^T [keys, queries], recomputed from the saved LSE.
+    # Transposed probabilities P^T [keys, queries], recomputed from the saved LSE. Query
+    # rows past the sequence need no mask: their q, dO, lse and delta load as 0, so
+    # P^T = 1 there but dO = 0 adds nothing to dV and dS = P·(dP − delta) = 0 to dK.
     s_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION)
     p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
-    if MASK_M:
-        p_t = tl.where(offs[None, :] < seq_q, p_t, 0.0)
     dv = tl.dot(_dot_operand(p_t, dtype, DOT_FP32), do_op, dv, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do_op), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -364,6 +370,8 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, start_n, offs_n, offs_d,
     s = tl.dot(q, k_t, input_precision=INPUT_PRECISION)
     p = tl.math.exp2(s * scale_log2 - lse[:, None])
     if MASK_N:
+        # Keys past the sequence load as 0, so their score is 0 and exp2(0 − lse) can
+        # overflow when every real score is very negative: zero them explicitly.
         p = tl.where(offs[None, :] < seq_k, p, 0.0)
     dp = tl.dot(do, _dot_operand(v_t, dtype, DOT_FP32), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -447,22 +455,17 @@ def _dot_settings(dtype, allow_tf32):
 
 
 def _device_guard(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    """Launch on the tensor's GPU (triton uses the current device's stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def attention_forward(q, k, v, scale=None, out=None, allow_tf32=None):
     """Launch the forward kernel; returns (out [B, H, Sq, D], lse [B, H, Sq] fp32, natural log).
 
     q: [B, H, Sq, D], k/v: [B, H, Sk, D], any strides. ``out`` may be a preallocated
-    (strided) view to write into. ``scale`` defaults to 1/sqrt(D).
+    (strided) view to write into. ``scale`` defaults to 1/sqrt(D). ``allow_tf32`` (fp32
+    inputs only) defaults to torch.backends.cuda.matmul.allow_tf32, so fp32 stays IEEE
+    unless the caller opted into TF32 for matmuls.
     """
     check_attention_inputs(q, k, v)
     _check_launchable(q, k, v)

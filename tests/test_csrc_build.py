@@ -24,7 +24,8 @@ CUDA_INCLUDE = next(
 def run(cmd, **kwargs):
     proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"{' '.join(map(str, cmd))} failed:\n"
+                    f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 

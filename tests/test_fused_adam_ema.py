@@ -306,6 +306,21 @@ def test_param_without_grad_is_not_stepped_but_its_ema_moves(backend):
     assert torch.equal(opt.get_ema(RATES[0])[1], before)
 
 
+def test_loss_scale_step_reports_norm_and_handles_no_grads(backend):
+    params = make_params([(5,), (6,)])
+    opt = FusedAdamEMA(params, ema_rates=RATES[:1], backend=backend, **HYPER)
+    opt.step(loss_scale=8.0)  # no gradient at all: nothing to unscale, nothing skipped
+    assert not opt.last_step_skipped and opt.last_grad_norm.item() == 0.0
+    grads = [torch.randn(5), torch.randn(6)]
+    for p, g in zip(params, grads):
+        p.grad = g * 8.0
+    opt.step(loss_scale=8.0)
+    expected = torch.cat(grads).double().norm()
+    torch.testing.assert_close(opt.last_grad_norm.double(), expected, rtol=RTOL, atol=0)
+    opt.step(loss_scale=8.0, found_inf=torch.zeros(()))  # norm not needed: not computed
+    assert opt.last_grad_norm is None
+
+
 def test_op_handles_empty_lists_and_tensors(extension):
     op = torch.ops.fastdiff.adam_ema_
     lr = torch.tensor(1e-3)

@@ -476,7 +476,9 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x):
         batch, channels, *spatial = x.shape
-        x = x.reshape(batch, channels, -1)
-        h = self.attention(self.qkv(self.norm(x)))
+        flat = x.reshape(batch, channels, -1)
+        h = self.attention(self.qkv(self.norm(flat)))
         h = self.proj_out(h)
-        return (x + h).reshape(batch, channels, *spatial)
+        # Add in the input's own shape: the same sums as GD's (x + h).reshape(...), but the
+        # block returns a fresh tensor rather than a view (FSDP2's backward hook needs that).
+        return x + h.reshape(batch, channels, *spatial)

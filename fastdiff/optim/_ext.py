@@ -57,7 +57,8 @@ def _prebuilt_library():
     # In a checkout, csrc/ may have been edited since setup.py built the library.
     built = os.path.getmtime(spec.origin)
     if CHECKOUT_SOURCES.is_dir() and any(
-            os.path.getmtime(p) > built for p in CHECKOUT_SOURCES.iterdir()):
+            os.path.getmtime(p) > built for p in CHECKOUT_SOURCES.iterdir()
+            if not p.name.startswith("test_")):
         LOG.info("fastdiff: %s is older than %s; building the extension just in time",
                  spec.origin, CHECKOUT_SOURCES)
         return None
@@ -118,11 +119,12 @@ def extension_available():
             try:
                 where = _load()
             except Exception as error:  # any build/load failure means: use the fallback
+                reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
                 LOG.warning(
                     "fastdiff: C++ Adam+EMA extension unavailable (%s: %s); FusedAdamEMA "
                     "uses the slower pure-torch foreach path "
                     "(fastdiff.optim.fused_adam_ema.adam_ema_foreach)",
-                    type(error).__name__, str(error).strip().splitlines()[-1] if str(error) else "")
+                    type(error).__name__, reason)
                 _status = False
             else:
                 LOG.info("fastdiff: C++ Adam+EMA extension loaded (%s)", where)

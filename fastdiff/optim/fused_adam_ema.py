@@ -152,7 +152,6 @@ class FusedAdamEMA(Optimizer):
             raise ValueError(f"at most 8 EMA rates are supported, got {len(self.ema_rates)}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self._requested_backend = backend
         self.last_found_inf = None
         self.last_grad_norm = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -251,14 +250,13 @@ class FusedAdamEMA(Optimizer):
         dimension both are all-reduced over the mesh, so every rank gets the global value.
         """
         buckets = self._grads_by_dtype()
-        if not buckets:
-            raise ValueError("grad_norm_sq: no parameter has a gradient")
-        device = next(iter(buckets.values()))[0].device
+        device = _local(self._all_params()[0]).device
         inv_scale = None if loss_scale is None else inv_scale_from_loss_scale(loss_scale, device)
         _, grad_norm_sq_op = self._ops()
         results = [grad_norm_sq_op(grads, inv_scale) for grads in buckets.values()]
-        sum_sq = torch.stack([r[0] for r in results]).sum()
-        found_inf = torch.stack([r[1] for r in results]).amax()
+        zero = torch.zeros((), dtype=torch.float32, device=device)  # no gradients at all
+        sum_sq = torch.stack([zero] + [r[0] for r in results]).sum()
+        found_inf = torch.stack([zero] + [r[1] for r in results]).amax()
         self._all_reduce_over_mesh(sum_sq, found_inf)
         return sum_sq, found_inf
 
@@ -293,13 +291,15 @@ class FusedAdamEMA(Optimizer):
                 moments, EMAs and step counters stay bit-identical. Pass it when it was
                 computed across ranks (see :meth:`grad_norm_sq`).
             max_grad_norm: clip the unscaled gradients to this global norm, as
-                torch.nn.utils.clip_grad_norm_ (the norm is then in ``last_grad_norm``).
+                torch.nn.utils.clip_grad_norm_.
             clip_factor: multiply the unscaled gradients by this tensor instead (e.g.
                 :func:`clip_factor_from_norm` of a norm reduced across ranks).
 
         Non-finite gradients skip a step only when ``loss_scale`` or ``found_inf`` is
         given; otherwise, as in torch, they propagate. ``last_found_inf`` (tensor or None)
-        and ``last_step_skipped`` report whether this step was skipped.
+        and ``last_step_skipped`` report whether this step was skipped; ``last_grad_norm``
+        holds the global norm of the unscaled gradients when this step computed it
+        (``loss_scale`` without ``found_inf``, or ``max_grad_norm``), else None.
         """
         if clip_factor is not None and max_grad_norm is not None:
             raise ValueError("pass either clip_factor or max_grad_norm, not both")
@@ -314,10 +314,10 @@ class FusedAdamEMA(Optimizer):
         need_stats = max_grad_norm is not None or (loss_scale is not None and found_inf is None)
         if need_stats:
             sum_sq, grads_found_inf = self.grad_norm_sq(loss_scale)
+            self.last_grad_norm = sum_sq.sqrt()
             if found_inf is None and loss_scale is not None:
                 found_inf = grads_found_inf
             if max_grad_norm is not None:
-                self.last_grad_norm = sum_sq.sqrt()
                 clip_factor = clip_factor_from_norm(self.last_grad_norm, max_grad_norm)
         self.last_found_inf = found_inf
 

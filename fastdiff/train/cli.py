@@ -184,6 +184,7 @@ def main(argv=None):
     from fastdiff.train.checkpoint import CheckpointError
     from fastdiff.train.loop import TrainingError
 
+    saved = (list(log.handlers), log.level, log.propagate)
     try:
         return _main(argv)
     except (UsageError, DataError, CheckpointError) as e:
@@ -192,6 +193,11 @@ def main(argv=None):
     except TrainingError as e:
         print(f"fastdiff.train: error: {e}", file=sys.stderr)
         return 1
+    finally:  # leave the "fastdiff" logger as found (main() may be called in-process)
+        for h in log.handlers:
+            if h not in saved[0]:
+                h.close()
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def _main(argv):

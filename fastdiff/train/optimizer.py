@@ -88,6 +88,11 @@ class FusedAdamEMAPath:
         self.ema_rates = list(ema_rates)
         self.opt = FusedAdamEMA(self.params, lr=lr, weight_decay=weight_decay,
                                 ema_rates=tuple(self.ema_rates))
+        self.name = f"fused ({self.opt.backend})"
+        device = _local(self.params[0]).device
+        # The trainer has already checked the gradients across all ranks: "no overflow".
+        self._no_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._device = device
 
     def set_lr(self, lr):
         for group in self.opt.param_groups:
@@ -97,13 +102,19 @@ class FusedAdamEMAPath:
         self.opt.zero_grad(set_to_none=True)
 
     def step(self, inv_scale=1.0, clip=1.0):
-        self.opt.step(grad_scale=inv_scale, clip_factor=clip)
+        kwargs = {}
+        if inv_scale != 1.0:
+            kwargs.update(loss_scale=1.0 / inv_scale, found_inf=self._no_inf)
+        if clip != 1.0:
+            kwargs["clip_factor"] = torch.tensor(clip, dtype=torch.float32, device=self._device)
+        self.opt.step(**kwargs)
 
     def get_ema(self, rate):
         return self.opt.get_ema(rate)
 
     def state_tensors(self):
-        return self.opt.state_tensors()
+        return [{k: self.opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step")}
+                for p in self.params]
 
 
 def build_optimizer(kind, params, lr, weight_decay, ema_rates):

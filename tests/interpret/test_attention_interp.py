@@ -2,8 +2,9 @@
 
 Tolerance (FlashAttention's criterion): the kernel's max error against float64 is at
 most twice the error of the same-dtype torch math attention, plus a small floor for
-outputs torch happens to get exact, and never above a per-dtype ceiling. Errors are
-measured relative to max(|reference|, 1). Shapes are tiny and odd (the interpreter runs
+outputs torch happens to get exact, and never above a per-dtype ceiling unless torch's
+own error is already that large (ill-conditioned inputs). Errors are measured relative
+to max(|reference|, 1). Shapes are tiny and odd (the interpreter runs
 each program in Python) and the interpreter config uses 32×16 blocks, so 17/77/130
 exercise several blocks plus a masked tail and D = 40 / 80 the masked head dim.
 """
@@ -17,7 +18,7 @@ from fastdiff.kernels.attention import (attention, attention_forward, qkv_attent
 from fastdiff.ops.attention import attention as attention_op
 from fastdiff.ops.attention import qkv_attention as qkv_attention_op
 
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FLOOR = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CEILING = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
@@ -42,7 +43,9 @@ def _assert_flash_close(names, got, ref64, same_dtype, dtype):
         scale = max(r.abs().max().item(), 1.0)
         err = (g.double() - r).abs().max().item() / scale
         base = (b.double() - r).abs().max().item() / scale
-        bound = min(2 * base + FLOOR[dtype], CEILING[dtype])
+        bound = 2 * base + FLOOR[dtype]
+        if 2 * base <= CEILING[dtype]:  # well conditioned: the dtype's ceiling holds too
+            bound = min(bound, CEILING[dtype])
         assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (torch {dtype} math: {base:.3e})"
 
 
@@ -183,3 +186,15 @@ def test_bad_inputs_are_rejected():
         attention(q.double(), q.double(), q.double())
     with pytest.raises(ValueError, match="multiple of 3\\*num_heads"):
         qkv_attention(_randn(1, 100, 8), 2)
+
+
+def test_very_negative_scores_stay_finite():
+    # Every score ≈ −110: the log-sum-exp is far below 0, so anything computed as
+    # exp(0 − lse) (e.g. for a masked key of the tail block) would overflow.
+    k = -torch.ones(1, 1, 21, 32) + 0.01 * torch.randn(1, 1, 21, 32)
+    q = 20 * torch.ones(1, 1, 21, 32)
+    v = _randn(1, 1, 21, 32)
+    scale = 1 / math.sqrt(32)
+    _check_against_reference(lambda a, b, c: attention(a, b, c), [q, k, v],
+                             lambda a, b, c: _math_attention(a, b, c, scale),
+                             torch.float32, ["out", "dq", "dk", "dv"])
