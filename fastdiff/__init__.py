@@ -3,8 +3,12 @@
 GD code ports by changing an import::
 
     from fastdiff import model_and_diffusion_defaults, create_model_and_diffusion
+
+and fastdiff's kernels go into other models (guided-diffusion, diffusers) with
+``fastdiff.patch(model)`` / ``fastdiff.unpatch(model)``.
 """
 from fastdiff.config import create_model_and_diffusion, model_and_diffusion_defaults
+from fastdiff.patch import patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["create_model_and_diffusion", "model_and_diffusion_defaults"]
+__all__ = ["create_model_and_diffusion", "model_and_diffusion_defaults", "patch", "unpatch"]

@@ -98,7 +98,11 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 and cast back to the input dtype (GD's class)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        # The affine parameters are upcast too: under FSDP2's MixedPrecisionPolicy they
+        # arrive in bf16/fp16 (GD keeps norms in fp32; for fp32 weights this is a no-op).
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels):

@@ -101,6 +101,8 @@ def _torch_forward(x, weight, bias, num_groups, eps, scale, shift, act):
     """GD's GroupNorm32 and epilogue, all in fp32; returns (y, mean, rstd)."""
     N, C = x.shape[:2]
     xf = x.float()
+    if not (xf.is_contiguous() or xf.is_contiguous(memory_format=torch.channels_last)):
+        xf = xf.contiguous()  # native_group_norm takes only NCHW or channels_last layouts
     h, mean, rstd = torch.ops.aten.native_group_norm(
         xf, weight.float(), bias.float(), N, C, math.prod(x.shape[2:]), num_groups, eps)
     if scale is not None:

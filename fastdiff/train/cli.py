@@ -168,8 +168,15 @@ def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, 
     log.info("precision: %s%s | compile: %s | optimizer: %s", train_cfg.precision,
              " (dynamic loss scaling)" if train_cfg.precision == "fp16" else "",
              "on" if train_cfg.compile else "off", optimizer_name)
-    log.info("kernels: GroupNorm+SiLU %s, attention %s", backends.get("norm", "?"),
-             backends.get("attention", "?"))
+    norm, attention = backends.get("norm", "?"), backends.get("attention", "?")
+    if dist_info.device.type != "cuda":
+        # The custom ops run their torch fallbacks off CUDA (Triton only under TRITON_INTERPRET=1).
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        if norm == "fused":
+            norm += " op (Triton interpreter)" if interp else " op (CPU torch fallback)"
+        if attention == "triton":
+            attention += " op (Triton interpreter)" if interp else " op (CPU math fallback)"
+    log.info("kernels: GroupNorm+SiLU %s, attention %s", norm, attention)
     log.info("parameters: %.2f M", nparams / 1e6)
     if hasattr(data, "dataset_summary"):
         log.info("data: %s", data.dataset_summary())

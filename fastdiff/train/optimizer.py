@@ -19,7 +19,18 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class TorchAdamEMA:
+class _OptimizerPath:
+    """What the trainer needs of either path; ``self.opt`` is the torch Optimizer inside."""
+
+    def set_lr(self, lr):
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+
+class TorchAdamEMA(_OptimizerPath):
     """Stock path: AdamW, then for each rate ``ema = rate·ema + (1−rate)·p`` (GD's update_ema)."""
 
     name = "torch"
@@ -35,13 +46,6 @@ class TorchAdamEMA:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, **kwargs)
         self.emas = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
         self._materialise_state()
-
-    def set_lr(self, lr):
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
 
     def step(self, inv_scale=1.0, clip=1.0):
         factor = inv_scale * clip
@@ -77,7 +81,7 @@ class TorchAdamEMA:
             }
 
 
-class FusedAdamEMAPath:
+class FusedAdamEMAPath(_OptimizerPath):
     """Fast path: fastdiff.optim.FusedAdamEMA (one fused pass: AdamW + all EMAs)."""
 
     name = "fused"
@@ -93,13 +97,6 @@ class FusedAdamEMAPath:
         # The trainer has already checked the gradients across all ranks: "no overflow".
         self._no_inf = torch.zeros((), dtype=torch.float32, device=device)
         self._device = device
-
-    def set_lr(self, lr):
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
 
     def step(self, inv_scale=1.0, clip=1.0):
         kwargs = {}
