@@ -46,6 +46,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+# benchmarks/ has no __init__.py: pytest puts it on sys.path, so its helpers import as `common`.
+from common import matmul_tflops
 from fastdiff import config as C
 from fastdiff.diffusion import UniformSampler
 from fastdiff.models import AttentionBlock
@@ -408,8 +410,6 @@ def imagenet64():
 @pytest.mark.parametrize("path", GPU_PATHS)
 def test_gpu_train_step_imagenet64(benchmark, imagenet64, path):
     """One row per path, so a path that fails (or runs out of time) keeps the others'."""
-    from common import matmul_tflops  # benchmarks/ is on sys.path (rootdir conftest)
-
     info = {}
     result = run_gpu_path(path, imagenet64["state"], imagenet64["batch"], imagenet64["ref"],
                           info, benchmark)

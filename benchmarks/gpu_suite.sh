@@ -38,8 +38,8 @@ GPU_TESTS_LIMIT_S=${GPU_TESTS_LIMIT_S:-150}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-360}
 TRAIN_STEP_LIMIT_S=${TRAIN_STEP_LIMIT_S:-240}
 
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # absolute: the script moves to the repo root
 cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
 WORK=/tmp/fastdiff-gpu-suite          # per-module JSONs (not $OUT: its file count is capped)
 rm -rf "$WORK" && mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
