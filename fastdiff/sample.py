@@ -50,6 +50,10 @@ def save_grid(images, path, nrow=None):
     """Write uint8 NHWC ``images`` as one PNG grid (1-pixel gaps), atomically."""
     from PIL import Image
     n, h, w, c = images.shape
+    zoom = max(1, -(-64 // max(h, w)))  # small images (the 16x16 digits) shown at >= 64 px
+    if zoom > 1:
+        images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+        n, h, w, c = images.shape
     nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
     ncol = int(math.ceil(n / nrow))
     grid = np.full((ncol * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)

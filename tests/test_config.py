@@ -50,8 +50,8 @@ def test_bad_boolean_rejected():
 
 def test_preset_applies_only_without_data_dir_and_yields_to_flags():
     m, d, t, given, preset = cli.parse_config(["--batch_size", "4"])
-    assert m.image_size == 32 and m.class_cond is True and t.batch_size == 4
-    assert "batch_size" not in preset and preset["image_size"] == 32
+    assert m.image_size == 16 and m.class_cond is True and t.batch_size == 4
+    assert "batch_size" not in preset and preset["image_size"] == 16
     m, d, t, given, preset = cli.parse_config(["--data_dir", "/x"])
     assert preset == {} and m.image_size == 64 and t.batch_size == 1
 

@@ -43,7 +43,7 @@ def test_trains_and_writes_gd_files_logs_and_config(tmp_path):
     opt = load(d / "opt000004.pt")
     assert len(opt["param_groups"][0]["params"]) == len(m) and float(opt["state"][0]["step"]) == 4
     cfg = json.load(open(d / "config.json"))
-    assert cfg["num_channels"] == 32 and cfg["image_size"] == 32  # flag + digits preset
+    assert cfg["num_channels"] == 32 and cfg["image_size"] == 16  # flag + digits preset
 
 
 def test_resume_latest_is_exact(tmp_path):
