@@ -45,3 +45,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         versions["cuda"] = torch.version.cuda
         versions["gpu"] = torch.cuda.get_device_name()
     machine_info["fastdiff_versions"] = versions
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print every benchmark's measured speedups and throughputs (from extra_info), so a CI
+    log shows the ratios and not only raw times. Reported, never asserted."""
+    session = terminalreporter.config._benchmarksession if hasattr(
+        terminalreporter.config, "_benchmarksession") else None
+    benchmarks = getattr(session, "benchmarks", None) or []
+    lines = []
+    for bench in benchmarks:
+        info = getattr(bench, "extra_info", {}) or {}
+        keys = [k for k in sorted(info) if k.startswith(("speedup", "img_per_s", "gbs", "frac"))
+                and isinstance(info[k], (int, float))]
+        if keys:
+            lines.append(f"{bench.name}: " + ", ".join(f"{k}={info[k]:.3g}" for k in keys))
+    if lines:
+        terminalreporter.section("fastdiff: measured ratios (extra_info)")
+        for line in lines:
+            terminalreporter.write_line(line)
