@@ -129,7 +129,7 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_exact(tmp_path):
                    check=True, capture_output=True, timeout=300)
     a, b = load(full / "model000009.pt"), load(part / "model000009.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    a, b = load(full / "ema_0.999_000009.pt"), load(part / "ema_0.999_000009.pt")
+    a, b = load(full / "ema_0.99_000009.pt"), load(part / "ema_0.99_000009.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -56,7 +56,7 @@ def test_resume_latest_is_exact(tmp_path):
     a, b = load(full / "model000004.pt"), load(part / "model000004.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    a, b = load(full / "ema_0.999_000004.pt"), load(part / "ema_0.999_000004.pt")
+    a, b = load(full / "ema_0.99_000004.pt"), load(part / "ema_0.99_000004.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = list(csv.DictReader(open(part / "progress.csv")))
     assert [int(float(r["step"])) for r in rows] == [2, 4]  # appended, not truncated
