@@ -58,8 +58,13 @@ def setup_distributed(device_pref=""):
 
 
 def teardown_distributed():
+    """Leave the process group together: a rank that destroys it while another is still
+    finishing its last collective can abort the job at exit (seen with gloo)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _blocks(model):
