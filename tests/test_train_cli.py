@@ -101,3 +101,6 @@ def test_bad_input_is_one_line_error_exit_nonzero(tmp_path, argv, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    # ... and loses nothing: no run folder is left behind by a run that never started.
+    assert not (tmp_path / "x").exists()
+    assert not any((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else True

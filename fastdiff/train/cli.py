@@ -9,6 +9,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -85,11 +86,22 @@ def resolve_log_dir(train_cfg, dist_info):
         box = [path]
         dist.broadcast_object_list(box, src=0)
         path = box[0]
+    created = not os.path.exists(path)
     if dist_info.is_main:
         os.makedirs(path, exist_ok=True)
     if dist_info.distributed:
         dist.barrier()
-    return os.path.abspath(path)
+    return os.path.abspath(path), created
+
+
+def _remove_if_only_startup_files(log_dir):
+    """A run that fails during setup leaves no empty run folder behind (only a folder this
+    run created, holding nothing but its own log)."""
+    try:
+        if set(os.listdir(log_dir)) <= {"log.txt"}:
+            shutil.rmtree(log_dir)
+    except OSError:
+        pass
 
 
 def setup_logging(log_dir, is_main):
@@ -211,8 +223,8 @@ def main(argv=None):
 
 def _main(argv):
     from fastdiff.data import DataError
-    from fastdiff.train.loop import Trainer, seed_everything
-    from fastdiff.train.parallel import parallelize, setup_distributed, teardown_distributed
+    from fastdiff.train.checkpoint import CheckpointError
+    from fastdiff.train.parallel import setup_distributed, teardown_distributed
 
     model_cfg, diff_cfg, train_cfg, given, preset_applied = parse_config(argv)
     try:
@@ -222,49 +234,67 @@ def _main(argv):
     if "compile" not in given:
         train_cfg.compile = dist_info.device.type == "cuda"
     try:
-        log_dir = resolve_log_dir(train_cfg, dist_info)
+        log_dir, created = resolve_log_dir(train_cfg, dist_info)
         setup_logging(log_dir, dist_info.is_main)
-        resume_path = find_resume_path(train_cfg, log_dir, given)
-        if resume_path:
-            check_resume_compatible(resume_path, model_cfg, diff_cfg)
-        seed_everything(train_cfg.seed, dist_info.rank)
         try:
-            model, diffusion, sampler, data = build_components(model_cfg, diff_cfg, train_cfg,
-                                                               dist_info)
-        except (ValueError, TypeError) as e:  # a flag the model or diffusion rejects
-            if isinstance(e, (DataError,)):
-                raise
-            raise UsageError(str(e)) from None
-        if train_cfg.compile:
-            _use_persistent_compile_cache(log_dir)
-        wrapping = parallelize(model, dist_info, train_cfg.precision, train_cfg.compile)
-        effective = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
-                     **dataclasses.asdict(train_cfg)}
-        trainer = Trainer(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
-                          cfg=train_cfg, dist_info=dist_info, log_dir=log_dir,
-                          run_meta={"config": effective})
-        startup_report(dist_info, wrapping, train_cfg, model, data, trainer.optimizer.name,
-                       preset_applied)
-        log.info("log dir: %s", log_dir)
-        log.info("configuration in effect:\n%s", json.dumps(effective, indent=1, sort_keys=True))
-        if dist_info.is_main:
-            with open(os.path.join(log_dir, "config.json"), "w") as f:
-                json.dump(effective, f, indent=1, sort_keys=True)
-        if resume_path:
-            trainer.resume(resume_path)
-        t0 = time.perf_counter()
-        outcome = trainer.train()
-        log.info("training %s at step %d after %.1f s", outcome, trainer.step,
-                 time.perf_counter() - t0)
-        if outcome == "finished" and train_cfg.sample_grid:
-            from fastdiff.sample import write_training_grid
-            path = write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir,
-                                       train_cfg.precision)
-            if path:
-                log.info("sample grid: %s", path)
-        return 0
+            return _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info,
+                        log_dir)
+        except (UsageError, DataError, CheckpointError):
+            if created and dist_info.is_main:
+                for h in list(log.handlers):
+                    if isinstance(h, logging.FileHandler):
+                        h.close()
+                        log.removeHandler(h)
+                _remove_if_only_startup_files(log_dir)
+            raise
     finally:
         teardown_distributed()
+
+
+def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_dir):
+    """Build everything, resume if asked, train, write the sample grid."""
+    from fastdiff.data import DataError
+    from fastdiff.train.loop import Trainer, seed_everything
+    from fastdiff.train.parallel import parallelize
+    resume_path = find_resume_path(train_cfg, log_dir, given)
+    if resume_path:
+        check_resume_compatible(resume_path, model_cfg, diff_cfg)
+    seed_everything(train_cfg.seed, dist_info.rank)
+    try:
+        model, diffusion, sampler, data = build_components(model_cfg, diff_cfg, train_cfg,
+                                                           dist_info)
+    except (ValueError, TypeError) as e:  # a flag the model or diffusion rejects
+        if isinstance(e, (DataError,)):
+            raise
+        raise UsageError(str(e)) from None
+    if train_cfg.compile:
+        _use_persistent_compile_cache(log_dir)
+    wrapping = parallelize(model, dist_info, train_cfg.precision, train_cfg.compile)
+    effective = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
+                 **dataclasses.asdict(train_cfg)}
+    trainer = Trainer(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
+                      cfg=train_cfg, dist_info=dist_info, log_dir=log_dir,
+                      run_meta={"config": effective})
+    startup_report(dist_info, wrapping, train_cfg, model, data, trainer.optimizer.name,
+                   preset_applied)
+    log.info("log dir: %s", log_dir)
+    log.info("configuration in effect:\n%s", json.dumps(effective, indent=1, sort_keys=True))
+    if dist_info.is_main:
+        with open(os.path.join(log_dir, "config.json"), "w") as f:
+            json.dump(effective, f, indent=1, sort_keys=True)
+    if resume_path:
+        trainer.resume(resume_path)
+    t0 = time.perf_counter()
+    outcome = trainer.train()
+    log.info("training %s at step %d after %.1f s", outcome, trainer.step,
+             time.perf_counter() - t0)
+    if outcome == "finished" and train_cfg.sample_grid:
+        from fastdiff.sample import write_training_grid
+        path = write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir,
+                                   train_cfg.precision)
+        if path:
+            log.info("sample grid: %s", path)
+    return 0
 
 
 def _use_persistent_compile_cache(log_dir):
