@@ -48,6 +48,7 @@ from fastdiff.models.layers import (
     MultiHeadQKVAttention,
     QKVAttention,
     QKVAttentionLegacy,
+    ResBlock,
     fuse_norm_act,
 )
 
@@ -169,26 +170,17 @@ def _set_processors(root, processors):
 class ScaleShiftResBlockForward:
     """guided-diffusion ``ResBlock._forward`` with ``use_scale_shift_norm=True``, where
     ``out_layers[0]`` is a :class:`GroupNormAct` taking the FiLM scale/shift and
-    ``out_layers[1]`` the Identity left by folding the SiLU into it."""
+    ``out_layers[1]`` the Identity left by folding the SiLU into it.
+
+    fastdiff's own ResBlock._forward is GD's math and already routes the scale/shift into a
+    fused out norm; a GD block has the same attributes, so it runs that one implementation.
+    """
 
     def __init__(self, block):
         self.block = block
 
     def __call__(self, x, emb):
-        block = self.block
-        if block.updown:
-            # GD resamples between the norm/activation and the conv.
-            h = block.in_layers[:-1](x)
-            h = block.h_upd(h)
-            x = block.x_upd(x)
-            h = block.in_layers[-1](h)
-        else:
-            h = block.in_layers(x)
-        emb_out = block.emb_layers(emb).type(h.dtype)
-        scale, shift = torch.chunk(emb_out, 2, dim=1)
-        h = block.out_layers[0](h, scale=scale, shift=shift)
-        h = block.out_layers[1:](h)
-        return block.skip_connection(x) + h
+        return ResBlock._forward(self.block, x, emb)
 
 
 class ResnetBlock2DForward:
@@ -482,7 +474,8 @@ class _Patcher:
         problem = _group_norm_problem(norm)
         if problem is None and not (len(out_layers) > 1 and _is_plain_silu(out_layers[1])):
             problem = "out_layers[1] is not nn.SiLU"
-        missing = [a for a in ("_forward", "updown", "h_upd", "x_upd", "skip_connection")
+        missing = [a for a in ("_forward", "updown", "h_upd", "x_upd", "emb_layers",
+                               "skip_connection")
                    if not hasattr(block, a)]
         if problem is None and missing:
             problem = f"scale-shift ResBlock without {', '.join(missing)}"

@@ -263,9 +263,9 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
     try:
         model, diffusion, sampler, data = build_components(model_cfg, diff_cfg, train_cfg,
                                                            dist_info)
+    except DataError:
+        raise
     except (ValueError, TypeError) as e:  # a flag the model or diffusion rejects
-        if isinstance(e, (DataError,)):
-            raise
         raise UsageError(str(e)) from None
     if train_cfg.compile:
         _use_persistent_compile_cache(log_dir)
