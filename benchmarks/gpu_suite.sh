@@ -10,6 +10,8 @@
 #   install    pip install --no-deps --no-build-isolation -e .   (builds the C++/CUDA
 #              extension, torch being importable)                    INSTALL_LIMIT_S=240
 #   gpu tests  pytest -m gpu tests/                                  GPU_TESTS_LIMIT_S=150
+#   quickstart the README's main job on this GPU: torchrun -m fastdiff.train (digits preset,
+#              compiled, fused kernels), its log and sample grid to $OUT  QUICKSTART_LIMIT_S=150
 #   benchmarks one pytest-benchmark run per benchmarks/bench_*.py, the training step first,
 #              all within BENCH_BUDGET_S=360 (the train step alone at most TRAIN_STEP_LIMIT_S=240).
 #              One JSON per module: pytest-benchmark writes its JSON when the session ends,
@@ -22,7 +24,8 @@
 # the CPU benchmarks run, so everything but the GPU work is exercised.
 #
 # Under $OUT (at most 8 files come back from the device tool): suite.log (all output),
-# install.log, bench.json (every module's results merged), results.md, speedups.png.
+# install.log, quickstart.log, quickstart_grid.png, bench.json (every module's results
+# merged), results.md, speedups.png.
 # Compiled kernels are cached outside $OUT (/tmp), so a rerun on the same machine is warm.
 set -uo pipefail
 
@@ -37,6 +40,7 @@ INSTALL_LIMIT_S=${INSTALL_LIMIT_S:-240}
 GPU_TESTS_LIMIT_S=${GPU_TESTS_LIMIT_S:-150}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-360}
 TRAIN_STEP_LIMIT_S=${TRAIN_STEP_LIMIT_S:-240}
+QUICKSTART_LIMIT_S=${QUICKSTART_LIMIT_S:-150}
 
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # absolute: the script moves to the repo root
 cd "$(dirname "$0")/.."
@@ -107,6 +111,19 @@ print('fastdiff extension:', 'loaded' if ok() else 'NOT available', \
     return $rc
 }
 
+quickstart() {
+    # The README's main job, unchanged but for its run folder; its log tail shows img/s.
+    # SIGTERM 20 s before the section's limit: the trainer checkpoints and exits (preemption).
+    local run="$WORK/quickstart"
+    timeout -s TERM $(( QUICKSTART_LIMIT_S - 20 )) torchrun --standalone --nproc_per_node=1 -m fastdiff.train --log_dir "$run" \
+        >"$OUT/quickstart.log" 2>&1
+    local rc=$?
+    grep -E "kernels:|model wrapping|precision:|images_per_sec|training (finished|stopped)|error" \
+        "$OUT/quickstart.log" | tail -n 12
+    [ -f "$run/samples_grid.png" ] && cp "$run/samples_grid.png" "$OUT/quickstart_grid.png"
+    return $rc
+}
+
 benchmarks() {
     local modules mod limit left json marker=()
     [ "$DRY_RUN" = 1 ] || marker=(-m gpu)
@@ -148,6 +165,11 @@ main() {
         run_limited install "$INSTALL_LIMIT_S" bash -c install
     fi
     run_limited "gpu tests" "$GPU_TESTS_LIMIT_S" "${PYTEST[@]}" -m gpu tests/
+    if [ "$DRY_RUN" = 1 ]; then
+        echo; echo "=== quickstart: skipped (dry run)"
+    else
+        run_limited quickstart "$QUICKSTART_LIMIT_S" bash -c quickstart
+    fi
     benchmarks
 
     echo
@@ -174,6 +196,6 @@ main() {
 }
 
 # `environment` and `install` run under `timeout` in a child bash: export them and their variables.
-export -f environment install
-export OUT PY
+export -f environment install quickstart
+export OUT PY WORK QUICKSTART_LIMIT_S
 main 2>&1 | tee "$OUT/suite.log"
