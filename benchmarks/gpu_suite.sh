@@ -115,7 +115,7 @@ quickstart() {
     # The README's main job, unchanged but for its run folder; its log tail shows img/s.
     # SIGTERM 20 s before the section's limit: the trainer checkpoints and exits (preemption).
     local run="$WORK/quickstart"
-    timeout -s TERM $(( QUICKSTART_LIMIT_S - 20 )) torchrun --standalone --nproc_per_node=1 -m fastdiff.train --log_dir "$run" \
+    timeout -s TERM $(( QUICKSTART_LIMIT_S - 20 )) "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m fastdiff.train --log_dir "$run" \
         >"$OUT/quickstart.log" 2>&1
     local rc=$?
     grep -E "kernels:|model wrapping|precision:|images_per_sec|training (finished|stopped)|error" \
