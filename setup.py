@@ -57,6 +57,12 @@ def _extension_build():
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     sources = ["csrc/adam_ema_cpu.cpp", "csrc/binding.cpp"]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # No GPU to read the architecture from (a login or build node): build for the
+            # data-centre and workstation GPUs this project targets (Ampere to Hopper).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0"
+            print("fastdiff: no GPU visible; building the CUDA kernels for "
+                  "TORCH_CUDA_ARCH_LIST=8.0;8.6;8.9;9.0 (set it to choose)")
         ext = cpp_extension.CUDAExtension(
             "fastdiff._C",
             sources + ["csrc/adam_ema_cuda.cu", "csrc/binding_cuda.cpp"],

@@ -66,8 +66,13 @@ def _prebuilt_library():
 
 
 def _want_cuda():
+    """CUDA kernels too when torch has CUDA, nvcc is there and there is a target to build for:
+    a visible GPU, or TORCH_CUDA_ARCH_LIST (a CUDA torch on a machine without a GPU would
+    otherwise have no architecture to compile for, and its kernels could not run here)."""
     from torch.utils import cpp_extension
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    return torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
 
 def _jit_build():
