@@ -15,14 +15,11 @@ the loads vectorize).
 import importlib
 
 import pytest
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# tests/ is on sys.path (rootdir conftest, no __init__.py): the shared helpers import by name.
+from triton_compile import SHARED_LIMIT, compile_for_gpu, jit_function
 
 kernels = importlib.import_module("fastdiff.kernels.attention")
 
-# Usable shared memory per block: 228 KB (H100) and 164 KB (A100) less 1 KB reserved.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 KERNEL_NAMES = {
     "forward": "_attention_fwd_kernel",
     "backward_dkdv": "_attention_bwd_dkdv_kernel",
@@ -35,18 +32,10 @@ FP32_PTRS = {"lse_ptr", "delta_ptr"}
 UNIT_STRIDE_SUFFIX = {"qkv": "s", "bhsd": "d"}
 
 
-def jit_function(name):
-    """The @triton.jit function under the autotune wrapper."""
-    fn = getattr(kernels, name)
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 def compile_kernel(name, constexprs, num_warps, num_stages, arch=90, dtype="bf16",
                    layout="qkv", aligned=True):
     """triton.compile one kernel as the launcher would specialize it; check shared memory."""
-    fn = jit_function(name)
+    fn = jit_function(kernels, name)
     signature, attrs = {}, {}
     constants = dict(constexprs)
     for index, param in enumerate(fn.params):
@@ -65,16 +54,8 @@ def compile_kernel(name, constexprs, num_warps, num_stages, arch=90, dtype="bf16
             signature[arg] = "i32"
             if aligned and arg != "num_heads":
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]
-    assert not missing, f"{name}: no value for constexpr {missing}"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    assert compiled.asm.get("cubin"), f"{name}: no cubin produced"
-    assert compiled.metadata.shared <= SHARED_LIMIT[arch], (
-        f"{name} {constexprs} num_warps={num_warps}: {compiled.metadata.shared} B of shared memory "
-        f"> {SHARED_LIMIT[arch]} B on sm_{arch}")
-    return compiled
+    return compile_for_gpu(fn, name, signature, constants, attrs, constexprs, arch,
+                           num_warps=num_warps, num_stages=num_stages)
 
 
 def compile_tiled(kind, head_dim, cfg, dtype="bf16", precision="ieee", **kwargs):

@@ -12,14 +12,11 @@ stride is 1, which triton specializes as a constant) with sizes that are multipl
 import importlib
 
 import pytest
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# tests/ is on sys.path (rootdir conftest, no __init__.py): the shared helpers import by name.
+from triton_compile import compile_for_gpu, jit_function
 
 kernels = importlib.import_module("fastdiff.kernels.group_norm_silu")
 
-# Usable shared memory per block: 228 KB (H100) and 164 KB (A100) less 1 KB reserved.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 TILED_KERNELS = ["_gn_fwd_partial_stats_kernel", "_gn_fwd_kernel",
                  "_gn_bwd_partial_sums_kernel", "_gn_bwd_kernel"]
@@ -33,21 +30,13 @@ LAYOUT_UNIT_STRIDES = {
 }
 
 
-def jit_function(name):
-    """The @triton.jit function under the autotune/heuristics wrappers."""
-    fn = getattr(kernels, name)
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 def compile_kernel(name, constexprs, num_warps, arch=90, dtype="bf16", layout="nchw", aligned=True):
     """triton.compile one kernel as the launcher would specialize it; check shared memory.
 
     aligned: sizes and strides are multiples of 16 (e.g. [32, 512, 32, 32]), which lets
     triton vectorize; otherwise (odd H*W) they are plain i32.
     """
-    fn = jit_function(name)
+    fn = jit_function(kernels, name)
     signature, attrs = {}, {}
     constants = dict(constexprs)
     for index, param in enumerate(fn.params):
@@ -67,22 +56,15 @@ def compile_kernel(name, constexprs, num_warps, arch=90, dtype="bf16", layout="n
             signature[arg] = "i32"
             if aligned and arg not in ("cpg", "G", "N", "C"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constants]
-    assert not missing, f"{name}: no value for constexpr {missing}"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    assert compiled.asm.get("cubin"), f"{name}: no cubin produced"
-    assert compiled.metadata.shared <= SHARED_LIMIT[arch], (
-        f"{name} {constexprs} num_warps={num_warps}: {compiled.metadata.shared} B of shared memory "
-        f"> {SHARED_LIMIT[arch]} B on sm_{arch}")
-    return compiled
+    return compile_for_gpu(fn, name, signature, constants, attrs, constexprs, arch,
+                           num_warps=num_warps)
 
 
 def tiled_constexprs(name, config, split=False, flags=True):
     """Constexpr values of a tiled kernel for one block config (only those it takes)."""
     values = {"TILE": config["TILE"], "BLOCK_C": config["BLOCK_C"], "BLOCK_S": config["BLOCK_S"],
               "HAS_SCALE": flags, "HAS_SHIFT": flags, "ACT": flags, "SPLIT": split}
-    names = {p.name for p in jit_function(name).params if p.is_constexpr}
+    names = {p.name for p in jit_function(kernels, name).params if p.is_constexpr}
     return {k: v for k, v in values.items() if k in names}
 
 
