@@ -102,10 +102,17 @@ setup(
         "numpy>=2,<2.3",
         "pillow",
         "scikit-learn",
+        "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6"],
+        "plot": ["matplotlib"],
+        # Real FID (python -m fastdiff.evaluate --inception_weights): torch-fidelity's
+        # Inception-v3 (it pulls torchvision; pick the build that matches your torch).
+        "fid": ["torch-fidelity"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6",
+                 "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

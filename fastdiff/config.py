@@ -77,6 +77,11 @@ class TrainConfig:
     keep_latest: int = _f(0, "keep only the newest N checkpoints; 0 = keep all")
     skip_nonfinite: bool = _f(False, "skip a step whose loss is not finite instead of stopping")
     sample_grid: bool = _f(True, "write a sample grid PNG at the end of training")
+    sample_interval: int = _f(0, "every N steps, a grid of EMA samples in <log_dir>/samples/ (fixed noise and labels); 0 = off")
+    sample_steps: int = _f(25, "DDIM steps of the --sample_interval grids")
+    no_progress: bool = _f(False, "no progress bar (it is shown only on rank 0 when stderr is a terminal)")
+    tensorboard: bool = _f(True, "TensorBoard scalars in <log_dir>/tb (skipped with a warning when tensorboard is not installed)")
+    log_format: str = _f("table", "metrics on stdout: 'table' (GD's table, then a summary line) or 'line' (the line only)")
     device: str = _f("", "cuda or cpu; '' = cuda when available")
 
 

@@ -39,6 +39,7 @@ class SampleConfig:
     precision: str = C._f("fp32", "fp32, bf16 or fp16 autocast")
     norm_backend: str = C._f("auto", "fused, torch or auto")
     attention_backend: str = C._f("auto", "triton, sdpa, xformers, math or auto")
+    no_progress: bool = C._f(False, "no progress bar (it is shown only when stderr is a terminal)")
 
 
 def to_uint8_nhwc(x):
@@ -68,28 +69,37 @@ def save_grid(images, path, nrow=None):
 
 @torch.no_grad()
 def generate(model, diffusion, n, batch_size, image_size, device, *, class_cond, num_classes,
-             use_ddim, clip_denoised, precision="fp32", labels=None):
-    """Generate ``n`` images on this rank: (uint8 NHWC array, labels array or None)."""
+             use_ddim, clip_denoised, precision="fp32", labels=None, progress=False):
+    """Generate ``n`` images on this rank: (uint8 NHWC array, labels array or None).
+
+    ``progress``: show a tqdm bar over the batches.
+    """
+    from fastdiff.train.telemetry import ProgressBar
     images, all_labels = [], []
     sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    bar = ProgressBar(-(-n // batch_size), enabled=progress, unit="batch")
     done = 0
-    while done < n:
-        b = min(batch_size, n - done)
-        kwargs = {}
-        if class_cond:
-            if labels is not None:
-                y = torch.as_tensor(labels[done:done + b], device=device)
-            else:
-                y = torch.randint(0, num_classes, (b,), device=device)
-            kwargs["y"] = y
-            all_labels.append(y.cpu().numpy())
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else _null()
-        with ctx:
-            x = sample_fn(model, (b, 3, image_size, image_size), clip_denoised=clip_denoised,
-                          model_kwargs=kwargs, device=device)
-        images.append(to_uint8_nhwc(x.float()).cpu().numpy())
-        done += b
+    try:
+        while done < n:
+            b = min(batch_size, n - done)
+            kwargs = {}
+            if class_cond:
+                if labels is not None:
+                    y = torch.as_tensor(labels[done:done + b], device=device)
+                else:
+                    y = torch.randint(0, num_classes, (b,), device=device)
+                kwargs["y"] = y
+                all_labels.append(y.cpu().numpy())
+            ctx = torch.autocast(device.type, dtype=dtype) if dtype else _null()
+            with ctx:
+                x = sample_fn(model, (b, 3, image_size, image_size), clip_denoised=clip_denoised,
+                              model_kwargs=kwargs, device=device)
+            images.append(to_uint8_nhwc(x.float()).cpu().numpy())
+            done += b
+            bar.update()
+    finally:
+        bar.close()
     labels_out = np.concatenate(all_labels) if class_cond else None
     return np.concatenate(images), labels_out
 
@@ -102,25 +112,53 @@ class _null:
         return False
 
 
-def write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir, precision, n=20):
-    """End of training: a grid of ``n`` DDIM-50 samples from the final weights (classes
-    0, 1, 2, ... when class-conditional). Every rank takes part (FSDP2); rank 0 writes."""
+def ddim_diffusion(diff_cfg, steps):
+    """The run's diffusion (``diff_cfg``) respaced for DDIM with ``steps`` steps (at most T)."""
     from fastdiff.diffusion import create_gaussian_diffusion
-    diffusion = create_gaussian_diffusion(
+    return create_gaussian_diffusion(
         steps=diff_cfg.diffusion_steps, learn_sigma=diff_cfg.learn_sigma,
         noise_schedule=diff_cfg.noise_schedule, use_kl=diff_cfg.use_kl,
         predict_xstart=diff_cfg.predict_xstart, rescale_timesteps=diff_cfg.rescale_timesteps,
         rescale_learned_sigmas=diff_cfg.rescale_learned_sigmas,
-        timestep_respacing=f"ddim{min(50, diff_cfg.diffusion_steps)}")
+        timestep_respacing=f"ddim{min(steps, diff_cfg.diffusion_steps)}")
+
+
+def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, n=20,
+                     num_classes=10, seed=None, write=True):
+    """Sample ``n`` images with DDIM (``diffusion``, e.g. from :func:`ddim_diffusion`) and
+    write them as one PNG grid at ``path`` (only when ``write``; returns the path or None).
+
+    Class-conditional models get labels 0, 1, ..., num_classes - 1, repeating, one class per
+    grid column. With ``seed`` the noise comes from an RNG stream of its own (the same
+    images for the same weights, and the caller's RNG state left as it was); None draws from
+    the current stream. Under FSDP2 every rank must call this (the forward is collective).
+    """
+    labels = np.arange(n) % num_classes
+    was_training = model.training
     model.eval()
-    labels = np.arange(n) % 10
-    images, _ = generate(model, diffusion, n, n, model_cfg.image_size, dist_info.device,
-                         class_cond=model_cfg.class_cond, num_classes=10, use_ddim=True,
-                         clip_denoised=True, precision=precision, labels=labels)
-    model.train()
-    if not dist_info.is_main:
+    private_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                        enabled=seed is not None)
+    try:
+        with private_rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            images, _ = generate(model, diffusion, n, n, model_cfg.image_size, device,
+                                 class_cond=model_cfg.class_cond, num_classes=num_classes,
+                                 use_ddim=True, clip_denoised=True, precision=precision,
+                                 labels=labels)
+    finally:
+        model.train(was_training)
+    if not write:
         return None
-    return save_grid(images, os.path.join(log_dir, "samples_grid.png"), nrow=10)
+    return save_grid(images, path, nrow=num_classes)
+
+
+def write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir, precision, n=20):
+    """End of training: a grid of ``n`` DDIM-50 samples from the final weights (classes
+    0, 1, 2, ... when class-conditional). Every rank takes part (FSDP2); rank 0 writes."""
+    return write_label_grid(model, model_cfg, ddim_diffusion(diff_cfg, 50), dist_info.device,
+                            os.path.join(log_dir, "samples_grid.png"), precision=precision, n=n,
+                            write=dist_info.is_main)
 
 
 def _read_run_config(model_path):
@@ -148,6 +186,7 @@ def _main(argv):
     from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
     from fastdiff.train.cli import setup_logging
     from fastdiff.train.parallel import setup_distributed, teardown_distributed
+    from fastdiff.train.telemetry import progress_enabled
 
     parser = C.build_parser((C.ModelConfig, C.DiffusionConfig, SampleConfig),
                             description="Sample from a trained fastdiff / guided-diffusion model")
@@ -187,7 +226,8 @@ def _main(argv):
                                   model_cfg.image_size, dist_info.device,
                                   class_cond=model_cfg.class_cond, num_classes=num_classes,
                                   use_ddim=scfg.use_ddim, clip_denoised=scfg.clip_denoised,
-                                  precision=scfg.precision)
+                                  precision=scfg.precision,
+                                  progress=progress_enabled(scfg.no_progress, dist_info.is_main))
         if dist_info.distributed:
             parts = [None] * dist_info.world_size
             dist.all_gather_object(parts, (images, labels))

@@ -73,7 +73,21 @@ def parse_config(argv):
             ok = False
         if not ok:
             raise UsageError(f"--ema_rate: {r!r} is not a rate in (0, 1)")
+    _check_telemetry_flags(train_cfg, given)
     return model_cfg, diff_cfg, train_cfg, given, preset_applied
+
+
+def _check_telemetry_flags(train_cfg, given):
+    from fastdiff.train.telemetry import tensorboard_available
+    if train_cfg.log_format not in ("table", "line"):
+        raise UsageError(f"--log_format must be table or line, got {train_cfg.log_format!r}")
+    if train_cfg.sample_interval < 0:
+        raise UsageError(f"--sample_interval must be >= 0, got {train_cfg.sample_interval}")
+    if train_cfg.sample_steps < 1:
+        raise UsageError(f"--sample_steps must be >= 1, got {train_cfg.sample_steps}")
+    if train_cfg.tensorboard and "tensorboard" in given and not tensorboard_available():
+        raise UsageError("--tensorboard True needs the tensorboard package (pip install "
+                         "tensorboard), or pass --tensorboard False")
 
 
 def resolve_log_dir(train_cfg, dist_info):
@@ -171,6 +185,39 @@ def build_components(model_cfg, diff_cfg, train_cfg, dist_info):
         random_flip=bool(train_cfg.data_dir), world_size=dist_info.world_size,
         seed=train_cfg.seed, num_workers=None if train_cfg.num_workers < 0 else train_cfg.num_workers)
     return model, diffusion, sampler, data
+
+
+def build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
+    """The run's instruments: FLOPs per image (counted once from the model), the device's
+    peak for MFU, TensorBoard (rank 0, when installed) and the progress bar's switch."""
+    from fastdiff.train import telemetry as T
+    tensorboard = None
+    if dist_info.is_main and train_cfg.tensorboard:
+        if T.tensorboard_available():
+            tensorboard = T.TensorBoardLogger(log_dir)
+        else:  # an explicit --tensorboard True was refused in parse_config
+            log.warning("tensorboard is not installed: no TensorBoard logs (pip install "
+                        "tensorboard, or pass --tensorboard False to silence this)")
+    return T.Telemetry(
+        dist_info.device, dist_info.world_size,
+        flops_per_image=T.count_flops_per_image(model_cfg, diff_cfg),
+        peak_flops=T.device_peak_flops(dist_info.device, train_cfg.precision),
+        tensorboard=tensorboard, is_main=dist_info.is_main,
+        progress=T.progress_enabled(train_cfg.no_progress, dist_info.is_main))
+
+
+def build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
+    """The --sample_interval grid writer, or None when it is off."""
+    if not train_cfg.sample_interval:
+        return None
+    from fastdiff.train.preview import PreviewWriter
+    norm_backend, attention_backend = C.resolve_backends(
+        train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type)
+    return PreviewWriter(model_cfg, diff_cfg, interval=train_cfg.sample_interval,
+                         log_dir=log_dir, device=dist_info.device,
+                         precision=train_cfg.precision, seed=train_cfg.seed,
+                         steps=train_cfg.sample_steps, is_main=dist_info.is_main,
+                         norm_backend=norm_backend, attention_backend=attention_backend)
 
 
 def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, preset_applied):
@@ -272,11 +319,16 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
     wrapping = parallelize(model, dist_info, train_cfg.precision, train_cfg.compile)
     effective = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
                  **dataclasses.asdict(train_cfg)}
+    telemetry = build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir)
     trainer = Trainer(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
                       cfg=train_cfg, dist_info=dist_info, log_dir=log_dir,
-                      run_meta={"config": effective})
+                      run_meta={"config": effective}, telemetry=telemetry,
+                      preview=build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir),
+                      metrics_table=train_cfg.log_format == "table")
     startup_report(dist_info, wrapping, train_cfg, model, data, trainer.optimizer.name,
                    preset_applied)
+    for line in telemetry.describe():
+        log.info("%s", line)
     log.info("log dir: %s", log_dir)
     log.info("configuration in effect:\n%s", json.dumps(effective, indent=1, sort_keys=True))
     if dist_info.is_main:

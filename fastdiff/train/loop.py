@@ -27,6 +27,7 @@ from fastdiff.train.metrics import MetricLogger, log_loss_dict
 from fastdiff.train.optimizer import (adam_states_from_gd, build_optimizer,
                                       gd_optimizer_state_dict)
 from fastdiff.train.parallel import all_reduce_sum_, any_rank
+from fastdiff.train.telemetry import Telemetry
 
 log = logging.getLogger("fastdiff")
 
@@ -47,8 +48,12 @@ def _local(t):
 
 
 class Trainer:
+    """One training run. ``telemetry`` (progress bar, MFU, TensorBoard: see
+    fastdiff/train/telemetry.py) and ``preview`` (a PreviewWriter for --sample_interval) are
+    optional; ``metrics_table`` False leaves GD's table off stdout (the summary line stays)."""
+
     def __init__(self, *, model, diffusion, data, schedule_sampler, cfg, dist_info, log_dir,
-                 run_meta=None):
+                 run_meta=None, telemetry=None, preview=None, metrics_table=True):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -72,37 +77,58 @@ class Trainer:
         self.params = [p for _, p in model.named_parameters()]
         self.optimizer = build_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay,
                                          self.ema_rates)
-        self.metrics = MetricLogger(log_dir if dist_info.is_main else None, dist_info.rank)
+        self.metrics = MetricLogger(log_dir if dist_info.is_main else None, dist_info.rank,
+                                    table_writer=self._write_text if metrics_table else None)
+        self.telemetry = telemetry or Telemetry(self.device, dist_info.world_size,
+                                                is_main=dist_info.is_main)
+        self.preview = preview
         self._stop_signal = None
-        self._interval_start = time.perf_counter()
-        self._interval_images = 0
+        self.last_loss = None  # the last step's loss (mean over microbatches), a host float
+        self._last_lr = None
 
     # ------------------------------------------------------------------ loop
     def train(self):
         """Run until lr_anneal_steps / max_steps, or a SIGTERM/SIGINT (then checkpoint, exit)."""
         previous = self._install_signal_handlers()
+        self.telemetry.start(self.step, self._total_steps())
         try:
-            last_saved = None
-            while not self._done():
-                batch, cond = next(self.data)
-                self.train_step(batch, cond)
-                self.step += 1
-                if self.step % self.cfg.log_interval == 0:
-                    self._dump_metrics()
-                if self.step % self.cfg.save_interval == 0:
-                    self.save()
-                    last_saved = self.step
-                if any_rank(self._stop_signal is not None, self.device):
-                    log.info("received %s: saving a checkpoint at step %d and exiting",
-                             self._stop_signal or "a stop signal on another rank", self.step)
-                    if last_saved != self.step:
-                        self.save()
-                    return "stopped"
-            if last_saved != self.step:
-                self.save()
-            return "finished"
+            with self.telemetry.bar.redirect_logging(log):
+                return self._train_until_done()
         finally:
+            self.telemetry.close()
             self._restore_signal_handlers(previous)
+
+    def _train_until_done(self):
+        telemetry = self.telemetry
+        last_saved = None
+        while not self._done():
+            batch, cond = telemetry.next_batch(self.data)
+            self.train_step(batch, cond)
+            self.step += 1
+            telemetry.step_done(self.global_batch, self.last_loss)
+            if self.step % self.cfg.log_interval == 0:
+                self._dump_metrics()
+            if self.preview is not None and self.preview.due(self.step):
+                with telemetry.paused():
+                    self._write_preview()
+            if self.step % self.cfg.save_interval == 0:
+                with telemetry.paused():
+                    self.save()
+                last_saved = self.step
+            if any_rank(self._stop_signal is not None, self.device):
+                log.info("received %s: saving a checkpoint at step %d and exiting",
+                         self._stop_signal or "a stop signal on another rank", self.step)
+                if last_saved != self.step:
+                    self.save()
+                return "stopped"
+        if last_saved != self.step:
+            self.save()
+        return "finished"
+
+    def _total_steps(self):
+        """Where the run stops (the progress bar's end), or None when open-ended."""
+        limits = [n for n in (self.cfg.lr_anneal_steps, self.cfg.max_steps) if n]
+        return min(limits) if limits else None
 
     def _done(self):
         if self.cfg.lr_anneal_steps and self.step >= self.cfg.lr_anneal_steps:
@@ -110,9 +136,11 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
     def train_step(self, batch, cond):
-        self.optimizer.set_lr(self._lr_for_step(self.step))
+        self._last_lr = self._lr_for_step(self.step)
+        self.optimizer.set_lr(self._last_lr)
         self.optimizer.zero_grad()
         loss_total = self.forward_backward(batch, cond)
+        self.last_loss = loss_total / -(-batch.shape[0] // self.microbatch)
         if not self.use_loss_scale and not math.isfinite(loss_total):
             if self.cfg.skip_nonfinite:
                 log.warning("non-finite loss at step %d: step skipped (--skip_nonfinite)",
@@ -122,9 +150,7 @@ class Trainer:
             raise TrainingError(f"non-finite loss ({loss_total}) at step {self.step + 1}; the last "
                                 "checkpoint is kept. Lower --lr, try --precision fp32, or pass "
                                 "--skip_nonfinite to skip such steps")
-        took = self.optimizer_step()
-        self._interval_images += self.global_batch
-        return took
+        return self.optimizer_step()
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -205,14 +231,28 @@ class Trainer:
         return self.cfg.lr * (1 - (k - 1) / self.cfg.lr_anneal_steps)
 
     def _dump_metrics(self):
-        elapsed = time.perf_counter() - self._interval_start
+        """GD's interval means plus step, samples, lr and the telemetry of this interval
+        (images/s, step time, data wait, peak memory, FLOPs and MFU; rank 0's)."""
         self.metrics.logkv("step", self.step)
         self.metrics.logkv("samples", self.step * self.global_batch)
-        if elapsed > 0 and self._interval_images:
-            self.metrics.logkv("images_per_sec", self._interval_images / elapsed)
-        self.metrics.dumpkvs()
-        self._interval_start = time.perf_counter()
-        self._interval_images = 0
+        if self._last_lr is not None:
+            self.metrics.logkv("lr", self._last_lr)
+        for key, value in self.telemetry.interval_metrics().items():
+            self.metrics.logkv(key, value)
+        kvs = self.metrics.dumpkvs()
+        self.telemetry.dumped(kvs, self.step)
+
+    def _write_text(self, text):
+        self.telemetry.bar.write(text)
+
+    def _write_preview(self):
+        """The --sample_interval grid from the first EMA rate's weights (gathered in full:
+        a collective under FSDP2, so every rank runs this)."""
+        ema = self.optimizer.get_ema(self.ema_rates[0])
+        weights = {name: _full(t).detach() for name, t in zip(self.param_names, ema)}
+        path = self.preview.write(self.step, weights)
+        if path:
+            log.info("sample grid: %s", path)
 
     # ------------------------------------------------------------ signals
     def _install_signal_handlers(self):

@@ -11,10 +11,19 @@ import torch
 import torch.distributed as dist
 
 
+def _print_stdout(text):
+    print(text, flush=True)
+
+
 class MetricLogger:
-    def __init__(self, log_dir, rank=0, stream=None):
+    """Collects one log interval's metrics; :meth:`dumpkvs` writes them.
+
+    ``table_writer`` receives GD's table as text (default: printed to stdout); None: no table.
+    """
+
+    def __init__(self, log_dir, rank=0, table_writer=_print_stdout):
         self.rank = rank
-        self.stream = stream
+        self.table_writer = table_writer
         self._sums = {}
         self._counts = {}
         self._values = {}
@@ -65,12 +74,14 @@ class MetricLogger:
         self._counts.clear()
         self._values.clear()
         if self.rank == 0 and kvs:
-            self._write_table(kvs)
+            if self.table_writer is not None:
+                self.table_writer(self._format_table(kvs))
             self._write_csv(kvs)
             self._write_jsonl(kvs)
         return kvs
 
-    def _write_table(self, kvs):
+    @staticmethod
+    def _format_table(kvs):
         rows = []
         for k in sorted(kvs, key=str.lower):
             v = kvs[k]
@@ -79,7 +90,7 @@ class MetricLogger:
         vw = max(len(v) for _, v in rows)
         dashes = "-" * (kw + vw + 7)
         lines = [dashes] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in rows] + [dashes]
-        print("\n".join(lines), file=self.stream, flush=True)
+        return "\n".join(lines)
 
     def _write_csv(self, kvs):
         if not self.csv_path:

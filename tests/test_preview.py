@@ -1,0 +1,120 @@
+"""--sample_interval grids: written at the interval from the EMA weights, deterministic for
+the same weights, and invisible to training (same losses and weights with or without)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff import config as C
+from fastdiff.sample import write_training_grid
+from fastdiff.train import cli
+from fastdiff.train.parallel import DistInfo
+from fastdiff.train.preview import PreviewWriter
+
+TINY_RUN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
+            "--channel_mult", "1,2", "--attention_resolutions", "4", "--num_heads", "2",
+            "--batch_size", "2", "--log_interval", "1", "--save_interval", "100",
+            "--sample_grid", "False", "--optimizer", "torch", "--diffusion_steps", "20",
+            "--seed", "7", "--log_format", "line", "--tensorboard", "False", "--max_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4-step run with grids every 2 steps and without."""
+    root = tmp_path_factory.mktemp("preview")
+    with_grids, without = root / "with", root / "without"
+    assert cli.main(TINY_RUN + ["--log_dir", str(with_grids), "--sample_interval", "2",
+                                "--sample_steps", "3"]) == 0
+    assert cli.main(TINY_RUN + ["--log_dir", str(without)]) == 0
+    return with_grids, without
+
+
+def test_grids_written_at_the_interval(runs):
+    with_grids, without = runs
+    names = sorted(p.name for p in (with_grids / "samples").iterdir())
+    assert names == ["step_000002.png", "step_000004.png"]
+    # 20 images of 8x8 shown at 64x64 (zoomed), 10 per row, 1-pixel gaps.
+    assert Image.open(with_grids / "samples" / "step_000002.png").size == (10 * 65 + 1, 2 * 65 + 1)
+    assert not (without / "samples").exists()
+
+
+def test_grids_do_not_change_training(runs):
+    with_grids, without = runs
+    losses = [[json.loads(line)["loss"] for line in open(d / "metrics.jsonl")] for d in runs]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    a = torch.load(with_grids / "model000004.pt", weights_only=True)
+    b = torch.load(without / "model000004.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_cfgs():
+    model_cfg, diff_cfg, _, _, _ = cli.parse_config(TINY_RUN)
+    return model_cfg, diff_cfg
+
+
+def random_weights(model_cfg, diff_cfg):
+    kw = {**C.model_and_diffusion_defaults(), **vars(model_cfg), **vars(diff_cfg)}
+    model, _ = C.create_model_and_diffusion(**kw)
+    with torch.no_grad():  # GD zero-initialises output convs: give the samples some structure
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def writer(tmp_path, seed):
+    model_cfg, diff_cfg = tiny_cfgs()
+    return PreviewWriter(model_cfg, diff_cfg, interval=2, log_dir=str(tmp_path), device="cpu",
+                         precision="fp32", seed=seed, steps=3)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_same_weights_give_the_same_grid_and_leave_the_rng_alone(tmp_path):
+    weights = random_weights(*tiny_cfgs())
+    w = writer(tmp_path, seed=1)
+    rng_before = torch.get_rng_state()
+    first = w.write(2, weights)
+    second = w.write(4, weights)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert np.array_equal(pixels(first), pixels(second))
+    other_seed = writer(tmp_path / "other", seed=2).write(2, weights)
+    assert not np.array_equal(pixels(first), pixels(other_seed))
+    weights["out.2.bias"] += 0.5  # other weights, other grid
+    assert not np.array_equal(pixels(first), pixels(w.write(6, weights)))
+
+
+def test_only_the_main_rank_writes(tmp_path):
+    model_cfg, diff_cfg = tiny_cfgs()
+    w = PreviewWriter(model_cfg, diff_cfg, interval=2, log_dir=str(tmp_path), device="cpu",
+                      precision="fp32", seed=0, steps=3, is_main=False)
+    assert w.write(2, {}) is None and not (tmp_path / "samples").exists()
+    assert w.due(4) and not w.due(3)
+
+
+@pytest.mark.parametrize("kwargs,needle", [(dict(interval=-1), "sample_interval"),
+                                           (dict(steps=0), "sample_steps")])
+def test_bad_preview_settings_are_errors(tmp_path, kwargs, needle):
+    model_cfg, diff_cfg = tiny_cfgs()
+    settings = dict(interval=2, log_dir=str(tmp_path), device="cpu", precision="fp32", seed=0)
+    with pytest.raises(ValueError, match=needle):
+        PreviewWriter(model_cfg, diff_cfg, **{**settings, **kwargs})
+    flag = "--" + needle
+    with pytest.raises(cli.UsageError, match=needle):
+        cli.parse_config([flag, str(kwargs.get("interval", kwargs.get("steps")))])
+
+
+def test_end_of_training_grid_uses_the_same_writer(tmp_path):
+    model_cfg, diff_cfg = tiny_cfgs()
+    diff_cfg = dataclasses.replace(diff_cfg, diffusion_steps=4)  # DDIM-50 capped at T = 4
+    kw = {**C.model_and_diffusion_defaults(), **vars(model_cfg), **vars(diff_cfg)}
+    model, _ = C.create_model_and_diffusion(**kw)
+    model.train()
+    path = write_training_grid(model, model_cfg, diff_cfg, DistInfo(), str(tmp_path), "fp32",
+                               n=10)
+    assert Image.open(path).size == (10 * 65 + 1, 65 + 1)
+    assert model.training  # put back in training mode
