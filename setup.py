@@ -7,7 +7,7 @@ built just in time on first use (fastdiff/optim/_ext.py).
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,16 +85,9 @@ setup(
     name="fastdiff",
     version="0.1.0",
     description="Kernel-optimized, guided-diffusion-compatible trainer for image diffusion models",
-    packages=[
-        "fastdiff",
-        "fastdiff.models",
-        "fastdiff.diffusion",
-        "fastdiff.data",
-        "fastdiff.train",
-        "fastdiff.ops",
-        "fastdiff.optim",
-        "fastdiff.kernels",
-    ],
+    # Every package under fastdiff/ (a new one cannot be forgotten), plus kernels/ installed
+    # as fastdiff.kernels.
+    packages=find_packages(include=["fastdiff", "fastdiff.*"]) + ["fastdiff.kernels"],
     package_dir={"fastdiff.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[

@@ -40,7 +40,8 @@ GD_SAMPLE_DEFAULTS = {
 }
 
 # Every command-line name whose table the README holds: its marker name and its module.
-ENTRY_POINTS = {"train": "fastdiff.train", "sample": "fastdiff.sample"}
+ENTRY_POINTS = {"train": "fastdiff.train", "sample": "fastdiff.sample",
+                "evaluate": "fastdiff.evaluate"}
 
 
 @dataclasses.dataclass
@@ -55,13 +56,21 @@ class EntryPoint:
 
 
 def entry_point(name):
-    """The ``EntryPoint`` of ``train`` or ``sample``: the same classes their parsers use."""
+    """The ``EntryPoint`` of ``train``, ``sample`` or ``evaluate``: the same classes their
+    parsers use."""
     if name == "train":
         from fastdiff.train.cli import DIGITS_PRESET
         return EntryPoint(C.CONFIG_CLASSES, GD_TRAIN_DEFAULTS, DIGITS_PRESET, "digits preset")
     if name == "sample":
         from fastdiff.sample import SampleConfig
         return EntryPoint((C.ModelConfig, C.DiffusionConfig, SampleConfig), GD_SAMPLE_DEFAULTS, {})
+    if name == "evaluate":
+        # GD has no evaluation script: only its model and diffusion flags are GD's here.
+        from fastdiff.evaluate.cli import EvalConfig
+        model_flags = {f.name for cls in (C.ModelConfig, C.DiffusionConfig)
+                       for f in dataclasses.fields(cls)}
+        gd = {k: v for k, v in GD_SAMPLE_DEFAULTS.items() if k in model_flags}
+        return EntryPoint((C.ModelConfig, C.DiffusionConfig, EvalConfig), gd, {})
     raise ValueError(f"no flags table named {name!r}; known: {', '.join(ENTRY_POINTS)}")
 
 

@@ -6,7 +6,6 @@ NHWC, plus the labels when class-conditional: GD's format) and ``samples_grid.pn
 Under torchrun the ranks split the work and rank 0 gathers and writes. Model flags that are
 not given are read from the config.json that training leaves beside the checkpoints.
 """
-import argparse
 import dataclasses
 import json
 import logging
@@ -161,12 +160,38 @@ def write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir, precisio
                             write=dist_info.is_main)
 
 
-def _read_run_config(model_path):
+def read_run_config(model_path):
+    """The config.json that training leaves beside its checkpoints ({} when absent)."""
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     return {}
+
+
+def fill_model_flags_from_run(args, given, model_path):
+    """Set the model and diffusion flags not given on the command line (``given``) to the
+    values of the run that wrote ``model_path``; returns that run's config ({} if none).
+    The respacing is the caller's choice, never the run's."""
+    run_cfg = read_run_config(model_path)
+    for f in dataclasses.fields(C.ModelConfig) + dataclasses.fields(C.DiffusionConfig):
+        if f.name not in given and f.name in run_cfg and f.name != "timestep_respacing":
+            setattr(args, f.name, run_cfg[f.name])
+    return run_cfg
+
+
+def load_model(model_path, model_cfg, diff_cfg, norm_backend, attention_backend, device):
+    """(model in eval mode on ``device``, diffusion) with the weights of a GD-format file;
+    a missing file or one that does not fit the flags fails with CheckpointError."""
+    from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
+    state = load_state_dict_file(model_path)  # a missing file fails before the model is built
+    norm_b, attn_b = C.resolve_backends(norm_backend, attention_backend, device.type)
+    model, diffusion = C.create_model_and_diffusion(
+        **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
+        norm_backend=norm_b, attention_backend=attn_b)
+    check_state_dict_fits(state, model.state_dict(), model_path)
+    model.load_state_dict(state)
+    return model.to(device).eval(), diffusion
 
 
 def main(argv=None):
@@ -183,7 +208,6 @@ def main(argv=None):
 
 
 def _main(argv):
-    from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
     from fastdiff.train.cli import setup_logging
     from fastdiff.train.parallel import setup_distributed, teardown_distributed
     from fastdiff.train.telemetry import progress_enabled
@@ -194,10 +218,7 @@ def _main(argv):
     given = C.explicit_flags(argv)
     if not args.model_path:
         raise ValueError("--model_path is required")
-    run_cfg = _read_run_config(args.model_path)
-    for f in dataclasses.fields(C.ModelConfig) + dataclasses.fields(C.DiffusionConfig):
-        if f.name not in given and f.name in run_cfg and f.name != "timestep_respacing":
-            setattr(args, f.name, run_cfg[f.name])
+    run_cfg = fill_model_flags_from_run(args, given, args.model_path)
     model_cfg, diff_cfg, scfg = C.split_args(args, (C.ModelConfig, C.DiffusionConfig, SampleConfig))
     dist_info = setup_distributed(scfg.device)
     try:
@@ -206,15 +227,8 @@ def _main(argv):
         if dist_info.is_main:
             os.makedirs(out_dir, exist_ok=True)
         setup_logging(None, dist_info.is_main)
-        norm_b, attn_b = C.resolve_backends(scfg.norm_backend, scfg.attention_backend,
-                                            dist_info.device.type)
-        model, diffusion = C.create_model_and_diffusion(
-            **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
-            norm_backend=norm_b, attention_backend=attn_b)
-        state = load_state_dict_file(scfg.model_path)
-        check_state_dict_fits(state, model.state_dict(), scfg.model_path)
-        model.load_state_dict(state)
-        model.to(dist_info.device).eval()
+        model, diffusion = load_model(scfg.model_path, model_cfg, diff_cfg, scfg.norm_backend,
+                                      scfg.attention_backend, dist_info.device)
         num_classes = scfg.num_classes or run_cfg.get("num_classes") or \
             (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
         torch.manual_seed(scfg.seed + dist_info.rank)
