@@ -152,14 +152,6 @@ def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, n=
     return save_grid(images, path, nrow=num_classes)
 
 
-def write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir, precision, n=20):
-    """End of training: a grid of ``n`` DDIM-50 samples from the final weights (classes
-    0, 1, 2, ... when class-conditional). Every rank takes part (FSDP2); rank 0 writes."""
-    return write_label_grid(model, model_cfg, ddim_diffusion(diff_cfg, 50), dist_info.device,
-                            os.path.join(log_dir, "samples_grid.png"), precision=precision, n=n,
-                            write=dist_info.is_main)
-
-
 def read_run_config(model_path):
     """The config.json that training leaves beside its checkpoints ({} when absent)."""
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")

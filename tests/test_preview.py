@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 
 from fastdiff import config as C
-from fastdiff.sample import write_training_grid
 from fastdiff.train import cli
-from fastdiff.train.parallel import DistInfo
 from fastdiff.train.preview import PreviewWriter
 
 TINY_RUN = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
@@ -108,13 +106,32 @@ def test_bad_preview_settings_are_errors(tmp_path, kwargs, needle):
         cli.parse_config([flag, str(kwargs.get("interval", kwargs.get("steps")))])
 
 
-def test_end_of_training_grid_uses_the_same_writer(tmp_path):
+def test_grid_into_a_given_path_leaves_the_samples_folder_alone(tmp_path):
+    """The end-of-training samples_grid.png goes through the same writer, to its own path."""
     model_cfg, diff_cfg = tiny_cfgs()
     diff_cfg = dataclasses.replace(diff_cfg, diffusion_steps=4)  # DDIM-50 capped at T = 4
     kw = {**C.model_and_diffusion_defaults(), **vars(model_cfg), **vars(diff_cfg)}
     model, _ = C.create_model_and_diffusion(**kw)
-    model.train()
-    path = write_training_grid(model, model_cfg, diff_cfg, DistInfo(), str(tmp_path), "fp32",
-                               n=10)
+    writer = PreviewWriter(model_cfg, diff_cfg, interval=0, log_dir=str(tmp_path), device="cpu",
+                           precision="fp32", seed=0, steps=50, n=10)
+    target = str(tmp_path / "samples_grid.png")
+    path = writer.write(7, model.state_dict(), target)
+    assert path == target
     assert Image.open(path).size == (10 * 65 + 1, 65 + 1)
-    assert model.training  # put back in training mode
+    assert not (tmp_path / "samples").exists()
+
+def test_end_of_training_grid_samples_the_first_ema(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(TINY_RUN + ["--log_dir", str(run), "--sample_grid", "True",
+                                "--ema_rate", "0.5,0.9"]) == 0
+    model_cfg, diff_cfg = tiny_cfgs()
+    again = PreviewWriter(model_cfg, diff_cfg, interval=0, log_dir=str(tmp_path), device="cpu",
+                          precision="fp32", seed=7, steps=cli.FINAL_GRID_DDIM_STEPS)
+
+    def grid_of(name):
+        weights = torch.load(run / name, weights_only=True)
+        return pixels(again.write(4, weights, str(tmp_path / f"{name}.png")))
+
+    final = pixels(run / "samples_grid.png")
+    assert np.array_equal(final, grid_of("ema_0.5_000004.pt"))
+    assert not np.array_equal(final, grid_of("model000004.pt"))

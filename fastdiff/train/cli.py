@@ -13,7 +13,6 @@ import shutil
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 from fastdiff import config as C
@@ -24,6 +23,8 @@ log = logging.getLogger("fastdiff")
 # them in a few minutes on 2 CPU cores (~100 img/s there; clean digits by step 800).
 # The EMA rate is short (GD's 0.9999 would still be mostly the random init after 800 steps).
 # Flags on the command line override every entry.
+FINAL_GRID_DDIM_STEPS = 50  # the end-of-training samples_grid.png
+
 DIGITS_PRESET = dict(
     image_size=16, num_channels=64, num_res_blocks=1, channel_mult="1,2",
     attention_resolutions="8", num_heads=2, class_cond=True, use_scale_shift_norm=True,
@@ -206,17 +207,20 @@ def build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
         progress=T.progress_enabled(train_cfg.no_progress, dist_info.is_main))
 
 
-def build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
-    """The --sample_interval grid writer, or None when it is off."""
-    if not train_cfg.sample_interval:
+def build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, *, interval=None,
+                  steps=None):
+    """A grid writer from the EMA weights: the --sample_interval one (None when that is off),
+    or, with ``interval=0`` and ``steps``, the end-of-training grid's."""
+    interval = train_cfg.sample_interval if interval is None else interval
+    if not interval and steps is None:
         return None
     from fastdiff.train.preview import PreviewWriter
     norm_backend, attention_backend = C.resolve_backends(
         train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type)
-    return PreviewWriter(model_cfg, diff_cfg, interval=train_cfg.sample_interval,
+    return PreviewWriter(model_cfg, diff_cfg, interval=interval,
                          log_dir=log_dir, device=dist_info.device,
                          precision=train_cfg.precision, seed=train_cfg.seed,
-                         steps=train_cfg.sample_steps, is_main=dist_info.is_main,
+                         steps=steps or train_cfg.sample_steps, is_main=dist_info.is_main,
                          norm_backend=norm_backend, attention_backend=attention_backend)
 
 
@@ -341,11 +345,10 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
     log.info("training %s at step %d after %.1f s", outcome, trainer.step,
              time.perf_counter() - t0)
     if outcome == "finished" and train_cfg.sample_grid:
-        from fastdiff.sample import write_training_grid
-        path = write_training_grid(model, model_cfg, diff_cfg, dist_info, log_dir,
-                                   train_cfg.precision)
-        if path:
-            log.info("sample grid: %s", path)
+        # DDIM-50 from the first EMA rate's weights, the ones people sample from.
+        final = build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, interval=0,
+                              steps=FINAL_GRID_DDIM_STEPS)
+        trainer.write_ema_grid(final, os.path.join(log_dir, "samples_grid.png"))
     return 0
 
 

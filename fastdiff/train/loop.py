@@ -110,7 +110,7 @@ class Trainer:
                 self._dump_metrics()
             if self.preview is not None and self.preview.due(self.step):
                 with telemetry.paused():
-                    self._write_preview()
+                    self.write_ema_grid(self.preview)
             if self.step % self.cfg.save_interval == 0:
                 with telemetry.paused():
                     self.save()
@@ -245,12 +245,12 @@ class Trainer:
     def _write_text(self, text):
         self.telemetry.bar.write(text)
 
-    def _write_preview(self):
-        """The --sample_interval grid from the first EMA rate's weights (gathered in full:
-        a collective under FSDP2, so every rank runs this)."""
+    def write_ema_grid(self, writer, path=None):
+        """A sample grid (``writer``: a PreviewWriter) from the first EMA rate's weights,
+        gathered in full: a collective under FSDP2, so every rank runs this."""
         ema = self.optimizer.get_ema(self.ema_rates[0])
         weights = {name: _full(t).detach() for name, t in zip(self.param_names, ema)}
-        path = self.preview.write(self.step, weights)
+        path = writer.write(self.step, weights, path)
         if path:
             log.info("sample grid: %s", path)
 

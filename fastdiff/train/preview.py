@@ -1,5 +1,5 @@
-"""Sample grids during training (``--sample_interval N``): every N steps, rank 0 writes
-``<log_dir>/samples/step_{step:06d}.png`` from the EMA weights.
+"""Sample grids from the EMA weights: every N steps during training (``--sample_interval N``),
+rank 0 writes ``<log_dir>/samples/step_{step:06d}.png``; at the end, ``samples_grid.png``.
 
 Every grid uses the same noise and the same labels (an RNG stream of its own seeded from
 ``--seed``; classes 0..9 repeating), so grids from successive steps differ only by the
@@ -61,14 +61,16 @@ class PreviewWriter:
         return self._model
 
     @torch.no_grad()
-    def write(self, step, weights):
-        """Sample a grid with ``weights`` ({parameter name: full tensor}); returns the PNG's
-        path on the main rank, None elsewhere."""
+    def write(self, step, weights, path=None):
+        """Sample a grid with ``weights`` ({parameter name: full tensor}) into ``path``
+        (default ``samples/step_{step:06d}.png``); returns the PNG's path on the main rank,
+        None elsewhere."""
         if not self.is_main:
             return None
         model = self._sampling_model()
         model.load_state_dict(weights, strict=True)
-        os.makedirs(self.folder, exist_ok=True)
-        return write_label_grid(model, self.model_cfg, self._diffusion, self.device,
-                                os.path.join(self.folder, f"step_{step:06d}.png"),
+        if path is None:
+            os.makedirs(self.folder, exist_ok=True)
+            path = os.path.join(self.folder, f"step_{step:06d}.png")
+        return write_label_grid(model, self.model_cfg, self._diffusion, self.device, path,
                                 precision=self.precision, n=self.n, seed=self.seed)
