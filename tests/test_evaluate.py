@@ -304,16 +304,24 @@ def test_cli_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, classifier_cach
     assert any("--num_samples 0" in note for note in again["notes"])
 
 
-def test_cli_skips_digits_scores_for_an_image_folder_run(tmp_path, capsys):
+def image_folder_run(tmp_path, step, num_images):
+    """A tiny model's checkpoint with a config.json naming an image folder of random 16x16
+    images (a run that was not on the digits); returns the checkpoint's path."""
     model, _, kw = tiny_model()
-    torch.save(model.state_dict(), tmp_path / "model000005.pt")
+    checkpoint = tmp_path / f"model{step:06d}.pt"
+    torch.save(model.state_dict(), checkpoint)
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(num_images):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
     (tmp_path / "config.json").write_text(json.dumps({**kw, "data_dir": str(data)}))
-    rc = cli.main(["--model_path", str(tmp_path / "model000005.pt")] + QUICK_EVAL)
+    return checkpoint
+
+
+def test_cli_skips_digits_scores_for_an_image_folder_run(tmp_path, capsys):
+    checkpoint = image_folder_run(tmp_path, step=5, num_images=3)
+    rc = cli.main(["--model_path", str(checkpoint)] + QUICK_EVAL)
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["digits"] is None and result["step"] == 5
@@ -371,15 +379,8 @@ def test_real_fid_with_a_local_weights_file(tmp_path, capsys, monkeypatch):
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight)
     torch.save(net.state_dict(), tmp_path / "inception.pth")
-    model, _, kw = tiny_model()
-    torch.save(model.state_dict(), tmp_path / "model000001.pt")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    (tmp_path / "config.json").write_text(json.dumps({**kw, "data_dir": str(data)}))
-    rc = cli.main(["--model_path", str(tmp_path / "model000001.pt"), "--num_val", "2",
+    checkpoint = image_folder_run(tmp_path, step=1, num_images=4)
+    rc = cli.main(["--model_path", str(checkpoint), "--num_val", "2",
                    "--num_samples", "3", "--sample_steps", "2", "--fid_num_ref", "3",
                    "--inception_weights", str(tmp_path / "inception.pth")])
     assert rc == 0

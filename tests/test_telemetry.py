@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import time
 
 import pytest
@@ -181,6 +182,25 @@ def test_progress_bar_shows_step_loss_and_throughput():
     silent = io.StringIO()
     T.ProgressBar(10, enabled=False, stream=silent).update(loss=1.0)
     assert silent.getvalue() == ""
+
+
+def test_progress_bar_draws_on_a_terminal_that_reports_no_size():
+    """A pseudo-terminal opened without a size (0 x 0, as under `script` or `docker -t`):
+    tqdm alone would draw nothing there."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        assert os.get_terminal_size(slave).columns == 0
+        with os.fdopen(slave, "w", closefd=False) as terminal:
+            bar = T.ProgressBar(3, stream=terminal)
+            for _ in range(3):
+                bar.update(loss=0.5, images_per_sec=10.0)
+            bar.close()
+        text = os.read(master, 65536).decode()
+        assert "3/3" in text
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 # ------------------------------------------------------------- a short training run

@@ -240,6 +240,16 @@ def progress_enabled(no_progress, is_main, stream=None):
     return bool(is_main and not no_progress and isatty is not None and isatty())
 
 
+def _terminal_columns(stream):
+    """The terminal's width, or 0 when it reports none: a pseudo-terminal opened without a
+    size (`script`, some schedulers, `docker -t`) says 0 columns and 0 rows, and tqdm then
+    draws nothing (no width, and every bar "hidden" below a 0-row screen)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class ProgressBar:
     """tqdm over training steps (``total`` None: open-ended), with loss and img/s.
 
@@ -251,8 +261,11 @@ class ProgressBar:
         self._bar = None
         if enabled:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
-                             file=sys.stderr if stream is None else stream)
+            stream = sys.stderr if stream is None else stream
+            # tqdm hides every bar on a terminal that reports no size: give it one.
+            size = {"dynamic_ncols": True} if _terminal_columns(stream) else \
+                {"ncols": 100, "nrows": 40}
+            self._bar = tqdm(total=total, initial=initial, unit=unit, file=stream, **size)
 
     def update(self, loss=None, images_per_sec=None):
         """Advance one step. ``loss`` must already be a host float (no sync here)."""
