@@ -111,21 +111,24 @@ class _null:
         return False
 
 
-def ddim_diffusion(diff_cfg, steps):
-    """The run's diffusion (``diff_cfg``) respaced for DDIM with ``steps`` steps (at most T)."""
+def respaced_diffusion(diff_cfg, steps, use_ddim):
+    """The run's diffusion (``diff_cfg``) respaced to ``steps`` steps (at most T), for DDIM
+    (eta 0) or for ancestral sampling."""
     from fastdiff.diffusion import create_gaussian_diffusion
+    steps = min(steps, diff_cfg.diffusion_steps)
     return create_gaussian_diffusion(
         steps=diff_cfg.diffusion_steps, learn_sigma=diff_cfg.learn_sigma,
         noise_schedule=diff_cfg.noise_schedule, use_kl=diff_cfg.use_kl,
         predict_xstart=diff_cfg.predict_xstart, rescale_timesteps=diff_cfg.rescale_timesteps,
         rescale_learned_sigmas=diff_cfg.rescale_learned_sigmas,
-        timestep_respacing=f"ddim{min(steps, diff_cfg.diffusion_steps)}")
+        timestep_respacing=f"ddim{steps}" if use_ddim else str(steps))
 
 
-def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, n=20,
+def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, use_ddim, n=20,
                      num_classes=10, seed=None, write=True):
-    """Sample ``n`` images with DDIM (``diffusion``, e.g. from :func:`ddim_diffusion`) and
-    write them as one PNG grid at ``path`` (only when ``write``; returns the path or None).
+    """Sample ``n`` images (``diffusion`` from :func:`respaced_diffusion`; DDIM or ancestral
+    by ``use_ddim``) and write them as one PNG grid at ``path`` (only when ``write``; returns
+    the path or None).
 
     Class-conditional models get labels 0, 1, ..., num_classes - 1, repeating, one class per
     grid column. With ``seed`` the noise comes from an RNG stream of its own (the same
@@ -143,7 +146,7 @@ def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, n=
                 torch.manual_seed(seed)
             images, _ = generate(model, diffusion, n, n, model_cfg.image_size, device,
                                  class_cond=model_cfg.class_cond, num_classes=num_classes,
-                                 use_ddim=True, clip_denoised=True, precision=precision,
+                                 use_ddim=use_ddim, clip_denoised=True, precision=precision,
                                  labels=labels)
     finally:
         model.train(was_training)

@@ -126,7 +126,7 @@ def test_end_of_training_grid_samples_the_first_ema(tmp_path):
                                 "--ema_rate", "0.5,0.9"]) == 0
     model_cfg, diff_cfg = tiny_cfgs()
     again = PreviewWriter(model_cfg, diff_cfg, interval=0, log_dir=str(tmp_path), device="cpu",
-                          precision="fp32", seed=7, steps=cli.FINAL_GRID_DDIM_STEPS)
+                          precision="fp32", seed=7, steps=cli.FINAL_GRID_STEPS, use_ddim=False)
 
     def grid_of(name):
         weights = torch.load(run / name, weights_only=True)

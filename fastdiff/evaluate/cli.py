@@ -18,7 +18,7 @@ import torch
 
 from fastdiff import config as C
 from fastdiff.data import class_labels, list_image_files
-from fastdiff.sample import ddim_diffusion, fill_model_flags_from_run, generate, load_model
+from fastdiff.sample import fill_model_flags_from_run, generate, load_model, respaced_diffusion
 from fastdiff.train.checkpoint import atomic_write_text
 from fastdiff.train.telemetry import progress_enabled
 
@@ -41,7 +41,8 @@ class EvalConfig:
     batch_size: int = C._f(64, "images per forward pass (validation and sampling)")
     seed: int = C._f(0, "seed of the validation noise, the samples and the KID subsets")
     num_samples: int = C._f(500, "digits samples to score (classes balanced); 0 = skip part (2)")
-    sample_steps: int = C._f(50, "DDIM steps for the samples (at most the model's diffusion_steps)")
+    sample_steps: int = C._f(50, "sampling steps (respaced; at most the model's diffusion_steps)")
+    use_ddim: bool = C._f(False, "DDIM (eta 0) instead of ancestral sampling (GD's image_sample flag)")
     kid_subsets: int = C._f(100, "KID: number of random subsets")
     kid_subset_size: int = C._f(1000, "KID: subset size (capped at the number of images)")
     inception_weights: str = C._f("", "local Inception-v3 weights file: computes real FID (needs torch-fidelity)")
@@ -186,22 +187,24 @@ def _folder_classes(data_dir, class_from):
 
 
 def _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes):
-    """num_samples DDIM samples (uint8 NHWC) and their labels, from seed ``ecfg.seed``.
+    """num_samples samples (uint8 NHWC; ancestral, or DDIM with --use_ddim) and their labels,
+    from seed ``ecfg.seed``.
 
     A class-conditional model is asked for each of the data's ``num_classes`` classes equally
     often (±1): its label table has GD's 1000 rows whatever the data had."""
-    sampler = ddim_diffusion(diff_cfg, ecfg.sample_steps)
+    sampler = respaced_diffusion(diff_cfg, ecfg.sample_steps, ecfg.use_ddim)
     labels = None
     if model_cfg.class_cond:
         labels = balanced_labels(ecfg.num_samples, min(num_classes, model.num_classes))
-    log.info("sampling %d images (DDIM, %d steps)", ecfg.num_samples, ecfg.sample_steps)
+    log.info("sampling %d images (%s, %d steps)", ecfg.num_samples,
+             "DDIM" if ecfg.use_ddim else "ancestral", ecfg.sample_steps)
     # generate() draws from the global RNG: seed it here and give the caller's state back.
     cuda_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(ecfg.seed)
         images, _ = generate(model, sampler, ecfg.num_samples, ecfg.batch_size,
                              model_cfg.image_size, device, class_cond=model_cfg.class_cond,
-                             num_classes=num_classes, use_ddim=True, clip_denoised=True,
+                             num_classes=num_classes, use_ddim=ecfg.use_ddim, clip_denoised=True,
                              precision=ecfg.precision, labels=labels,
                              progress=progress_enabled(ecfg.no_progress, True))
     return images, labels

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from fastdiff.sample import ddim_diffusion, write_label_grid
+from fastdiff.sample import respaced_diffusion, write_label_grid
 
 
 class PreviewWriter:
@@ -19,7 +19,8 @@ class PreviewWriter:
     FSDP2) and calls :meth:`write` on every rank; only the main rank samples and writes."""
 
     def __init__(self, model_cfg, diff_cfg, *, interval, log_dir, device, precision, seed,
-                 steps=25, n=20, is_main=True, norm_backend="torch", attention_backend="math"):
+                 steps=25, use_ddim=True, n=20, is_main=True, norm_backend="torch",
+                 attention_backend="math"):
         if interval < 0:
             raise ValueError(f"--sample_interval must be >= 0, got {interval}")
         if steps < 1:
@@ -32,6 +33,7 @@ class PreviewWriter:
         self.precision = precision
         self.seed = seed
         self.steps = steps
+        self.use_ddim = use_ddim
         self.n = n
         self.is_main = is_main
         self.backends = dict(norm_backend=norm_backend, attention_backend=attention_backend)
@@ -57,7 +59,7 @@ class PreviewWriter:
                 model = create_model(**kwargs)
             self._model = model.to_empty(device=self.device).eval()
             self._model.requires_grad_(False)
-            self._diffusion = ddim_diffusion(self.diff_cfg, self.steps)
+            self._diffusion = respaced_diffusion(self.diff_cfg, self.steps, self.use_ddim)
         return self._model
 
     @torch.no_grad()
@@ -73,4 +75,5 @@ class PreviewWriter:
             os.makedirs(self.folder, exist_ok=True)
             path = os.path.join(self.folder, f"step_{step:06d}.png")
         return write_label_grid(model, self.model_cfg, self._diffusion, self.device, path,
-                                precision=self.precision, n=self.n, seed=self.seed)
+                                precision=self.precision, use_ddim=self.use_ddim, n=self.n,
+                                seed=self.seed)
