@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import select
 import time
 
 import pytest
@@ -196,7 +197,11 @@ def test_progress_bar_draws_on_a_terminal_that_reports_no_size():
             for _ in range(3):
                 bar.update(loss=0.5, images_per_sec=10.0)
             bar.close()
-        text = os.read(master, 65536).decode()
+        # One read may return only part of what the pty holds: drain it.
+        chunks = []
+        while select.select([master], [], [], 0.2)[0]:
+            chunks.append(os.read(master, 65536))
+        text = b"".join(chunks).decode()
         assert "3/3" in text
     finally:
         os.close(master)
