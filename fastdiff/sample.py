@@ -125,15 +125,14 @@ def respaced_diffusion(diff_cfg, steps, use_ddim):
 
 
 def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, use_ddim, n=20,
-                     num_classes=10, seed=None, write=True):
+                     num_classes=10, seed=None):
     """Sample ``n`` images (``diffusion`` from :func:`respaced_diffusion`; DDIM or ancestral
-    by ``use_ddim``) and write them as one PNG grid at ``path`` (only when ``write``; returns
-    the path or None).
+    by ``use_ddim``) and write them as one PNG grid at ``path``; returns the path.
 
     Class-conditional models get labels 0, 1, ..., num_classes - 1, repeating, one class per
     grid column. With ``seed`` the noise comes from an RNG stream of its own (the same
     images for the same weights, and the caller's RNG state left as it was); None draws from
-    the current stream. Under FSDP2 every rank must call this (the forward is collective).
+    the current stream.
     """
     labels = np.arange(n) % num_classes
     was_training = model.training
@@ -150,8 +149,6 @@ def write_label_grid(model, model_cfg, diffusion, device, path, *, precision, us
                                  labels=labels)
     finally:
         model.train(was_training)
-    if not write:
-        return None
     return save_grid(images, path, nrow=num_classes)
 
 

@@ -7,10 +7,10 @@ has trained on).
 """
 import numpy as np
 
+from fastdiff.data.digits import NUM_DIGIT_CLASSES
+
 from .digits_classifier import digits_split, digits_uint8, embed, load_digits_arrays
 from .feature_stats import frechet_distance, kernel_inception_distance
-
-NUM_DIGIT_CLASSES = 10
 
 
 def balanced_labels(num_samples, num_classes=NUM_DIGIT_CLASSES):

@@ -210,22 +210,18 @@ def build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
         progress=T.progress_enabled(train_cfg.no_progress, dist_info.is_main))
 
 
-def build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, *, interval=None,
-                  steps=None, use_ddim=True):
-    """A grid writer from the EMA weights: the --sample_interval one (DDIM; None when that is
-    off), or, with ``interval=0``, ``steps`` and ``use_ddim``, the end-of-training grid's."""
-    interval = train_cfg.sample_interval if interval is None else interval
-    if not interval and steps is None:
-        return None
+def build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, *, interval, steps,
+                      use_ddim):
+    """A sample-grid writer from the EMA weights: every ``interval`` steps (0: only when
+    called), ``steps`` respaced sampling steps, DDIM or ancestral."""
     from fastdiff.train.preview import PreviewWriter
     norm_backend, attention_backend = C.resolve_backends(
         train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type)
-    return PreviewWriter(model_cfg, diff_cfg, interval=interval,
-                         log_dir=log_dir, device=dist_info.device,
-                         precision=train_cfg.precision, seed=train_cfg.seed,
-                         steps=steps or train_cfg.sample_steps, use_ddim=use_ddim,
-                         is_main=dist_info.is_main,
-                         norm_backend=norm_backend, attention_backend=attention_backend)
+    return PreviewWriter(model_cfg, diff_cfg, interval=interval, log_dir=log_dir,
+                         device=dist_info.device, precision=train_cfg.precision,
+                         seed=train_cfg.seed, steps=steps, use_ddim=use_ddim,
+                         is_main=dist_info.is_main, norm_backend=norm_backend,
+                         attention_backend=attention_backend)
 
 
 def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, preset_applied):
@@ -328,10 +324,15 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
     effective = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
                  **dataclasses.asdict(train_cfg)}
     telemetry = build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir)
+    preview = None
+    if train_cfg.sample_interval:  # the --sample_interval grids: DDIM, as the flag says
+        preview = build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
+                                    interval=train_cfg.sample_interval,
+                                    steps=train_cfg.sample_steps, use_ddim=True)
     trainer = Trainer(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
                       cfg=train_cfg, dist_info=dist_info, log_dir=log_dir,
                       run_meta={"config": effective}, telemetry=telemetry,
-                      preview=build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir),
+                      preview=preview,
                       metrics_table=train_cfg.log_format == "table")
     startup_report(dist_info, wrapping, train_cfg, model, data, trainer.optimizer.name,
                    preset_applied)
@@ -350,8 +351,8 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
              time.perf_counter() - t0)
     if outcome == "finished" and train_cfg.sample_grid:
         # From the first EMA rate's weights, the ones people sample from.
-        final = build_preview(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, interval=0,
-                              steps=FINAL_GRID_STEPS, use_ddim=False)
+        final = build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
+                                  interval=0, steps=FINAL_GRID_STEPS, use_ddim=False)
         trainer.write_ema_grid(final, os.path.join(log_dir, "samples_grid.png"))
     return 0
 
