@@ -12,6 +12,16 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _build_flags():
+    """fastdiff/optim/build_flags.py, loaded by path (importing the package needs torch)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "fastdiff_build_flags", os.path.join(HERE, "fastdiff", "optim", "build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extension_build():
     """Return (ext_modules, cmdclass) for the C++/CUDA extension, or ([], {...}).
 
@@ -53,9 +63,9 @@ def _extension_build():
     if os.environ.get("FASTDIFF_SKIP_EXT") == "1":
         return [], cmdclass
 
-    # Keep in sync with fastdiff/optim/_ext.py (the just-in-time build).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    sources = ["csrc/adam_ema_cpu.cpp", "csrc/binding.cpp"]
+    flags = _build_flags()
+    sources = [f"csrc/{name}" for name in flags.CPU_SOURCES]
+    cxx_flags = list(flags.CXX_FLAGS)
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             # No GPU to read the architecture from (a login or build node): build for the
@@ -64,18 +74,34 @@ def _extension_build():
             print("fastdiff: no GPU visible; building the CUDA kernels for "
                   "TORCH_CUDA_ARCH_LIST=8.0;8.6;8.9;9.0 (set it to choose)")
         ext = cpp_extension.CUDAExtension(
-            "fastdiff._C",
-            sources + ["csrc/adam_ema_cuda.cu", "csrc/binding_cuda.cpp"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"],
+            "fastdiff._C", sources + [f"csrc/{name}" for name in flags.CUDA_SOURCES],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(flags.NVCC_FLAGS)},
+            extra_link_args=list(flags.LD_FLAGS),
         )
     else:
         ext = cpp_extension.CppExtension(
             "fastdiff._C", sources,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=list(flags.LD_FLAGS),
         )
-    cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtensionOrWarn(base):
+        """A failed extension build must not abort the install (and take the package
+        with it): the package installs, this says the extension is missing, and
+        fastdiff/optim/_ext.py builds it just in time (or runs the foreach path, and
+        logs so) on first use."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as e:  # noqa: BLE001 - any compiler failure, same outcome
+                print(f"fastdiff: WARNING: building the C++/CUDA extension failed "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                      "installing without it. It is built just in time on first use, or "
+                      "the slower foreach path runs (the log says which).")
+
+    cmdclass["build_ext"] = BuildExtensionOrWarn
     return [ext], cmdclass
 
 
@@ -97,15 +123,15 @@ setup(
         "scikit-learn",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # python -m fastdiff.plot works after the plain install
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "plot": ["matplotlib"],
+        "plot": [],  # kept so that existing `pip install 'fastdiff[plot]'` lines still work
         # Real FID (python -m fastdiff.evaluate --inception_weights): torch-fidelity's
         # Inception-v3 (it pulls torchvision; pick the build that matches your torch).
         "fid": ["torch-fidelity"],
-        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6",
-                 "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

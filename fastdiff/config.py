@@ -9,9 +9,56 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+from fastdiff.models.layers import ATTENTION_BACKENDS, NORM_BACKENDS
+from fastdiff.runtime import PRECISIONS
+
+OPTIMIZERS = ("fused", "torch")
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+NOISE_SCHEDULES = ("linear", "cosine")
+
+# Flags whose change alters the parameters' shapes or meaning: resuming a checkpoint with
+# another value is refused (fastdiff/train/checkpoint.py, check_resume_compatible).
+MODEL_SHAPE_FLAGS = ("image_size", "num_channels", "num_res_blocks", "num_heads",
+                     "num_heads_upsample", "num_head_channels", "attention_resolutions",
+                     "channel_mult", "class_cond", "use_scale_shift_norm", "resblock_updown",
+                     "use_new_attention_order", "learn_sigma")
+
+
+class ConfigError(ValueError):
+    """A flag value or combination that cannot run; the message is one line naming the flag."""
+
 
 def _f(default, help):
     return field(default=default, metadata={"help": help})
+
+
+def _one_of(flag, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"--{flag} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                          f"got {value!r}")
+
+
+def _at_least(flag, value, low):
+    if value < low:
+        raise ConfigError(f"--{flag} must be >= {low}, got {value}")
+
+
+def parse_ema_rates(text):
+    """'0.9999,0.99' → [0.9999, 0.99]; ConfigError unless each is a rate in (0, 1)."""
+    rates = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            rate = float(part)
+        except ValueError:
+            rate = None
+        if rate is None or not 0.0 < rate < 1.0:
+            raise ConfigError(f"--ema_rate: {part!r} is not a rate in (0, 1)")
+        rates.append(rate)
+    if not rates:
+        raise ConfigError("--ema_rate needs at least one rate")
+    return rates
 
 
 @dataclass
@@ -33,6 +80,13 @@ class ModelConfig:
     use_fp16: bool = _f(False, "GD's fp16 flag: here it means --precision fp16 (autocast, fp32 master weights)")
     use_new_attention_order: bool = _f(False, "split q/k/v before heads (QKVAttention) instead of after (legacy)")
 
+    def __post_init__(self):
+        _at_least("image_size", self.image_size, 1)
+        _at_least("num_channels", self.num_channels, 1)
+        _at_least("num_res_blocks", self.num_res_blocks, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class DiffusionConfig:
@@ -45,6 +99,10 @@ class DiffusionConfig:
     predict_xstart: bool = _f(False, "the model predicts x_0 instead of the noise")
     rescale_timesteps: bool = _f(False, "feed the model t scaled to [0, 1000)")
     rescale_learned_sigmas: bool = _f(False, "RESCALED_MSE loss (vb term scaled by T/1000)")
+
+    def __post_init__(self):
+        _at_least("diffusion_steps", self.diffusion_steps, 1)
+        _one_of("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
 
 
 @dataclass
@@ -64,6 +122,9 @@ class TrainConfig:
     fp16_scale_growth: float = _f(1e-3, "log2 loss-scale growth per good fp16 step")
     # fastdiff's own flags
     seed: int = _f(0, "random seed (torch, the timestep sampler, data order); each rank offsets it")
+    deterministic: bool = _f(False, "bitwise-reproducible kernels across processes: one pinned config per shape "
+                                    "for every autotuned Triton kernel (no timing), torch.use_deterministic_algorithms "
+                                    "(warn only), cuDNN benchmark off; slower. The data order stays shuffled")
     log_dir: str = _f("", "run folder; '' = $OPENAI_LOGDIR or a new ./runs/<timestamp>")
     max_steps: int = _f(0, "stop after this many steps without touching the lr schedule; 0 = no limit")
     precision: str = _f("", "fp32, bf16 or fp16 (autocast, fp32 master weights); '' = fp16 if --use_fp16 else fp32")
@@ -83,6 +144,31 @@ class TrainConfig:
     tensorboard: bool = _f(True, "TensorBoard scalars in <log_dir>/tb (skipped with a warning when tensorboard is not installed)")
     log_format: str = _f("table", "metrics on stdout: 'table' (GD's table, then a summary line) or 'line' (the line only)")
     device: str = _f("", "cuda or cpu; '' = cuda when available")
+
+    def __post_init__(self):
+        """Every check of a single training flag (cross-flag ones: :func:`resolve_precision`)."""
+        if self.precision:
+            _one_of("precision", self.precision, PRECISIONS)
+        _one_of("schedule_sampler", self.schedule_sampler, SCHEDULE_SAMPLERS)
+        _one_of("class_from", self.class_from, ("filename", "folder"))
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("norm_backend", self.norm_backend, ("auto",) + tuple(NORM_BACKENDS))
+        _one_of("attention_backend", self.attention_backend, ("auto",) + tuple(ATTENTION_BACKENDS))
+        _one_of("log_format", self.log_format, ("table", "line"))
+        if self.device:
+            _one_of("device", self.device, ("cuda", "cpu"))
+        _at_least("batch_size", self.batch_size, 1)
+        # microbatch <= 0 means "off", as in GD (microbatch if microbatch > 0 else batch_size)
+        for flag in ("lr", "weight_decay", "grad_clip", "lr_anneal_steps", "max_steps",
+                     "keep_latest", "sample_interval"):
+            _at_least(flag, getattr(self, flag), 0)
+        for flag in ("log_interval", "save_interval", "sample_steps"):
+            _at_least(flag, getattr(self, flag), 1)
+        parse_ema_rates(self.ema_rate)
+
+    @property
+    def ema_rates(self):
+        return parse_ema_rates(self.ema_rate)
 
 
 CONFIG_CLASSES = (ModelConfig, DiffusionConfig, TrainConfig)
@@ -126,6 +212,15 @@ def build_parser(classes=CONFIG_CLASSES, extra_defaults=None, description=None):
     return parser
 
 
+def resolve_precision(model_cfg, train_cfg):
+    """Fill ``--precision ''`` from GD's ``--use_fp16``; refuse the two when they disagree."""
+    if not train_cfg.precision:
+        train_cfg.precision = "fp16" if model_cfg.use_fp16 else "fp32"
+    if model_cfg.use_fp16 and train_cfg.precision != "fp16":
+        raise ConfigError("--use_fp16 True contradicts --precision " + train_cfg.precision)
+    return train_cfg.precision
+
+
 def split_args(args, classes=CONFIG_CLASSES):
     """An argparse Namespace → one dataclass instance per class, in order."""
     values = vars(args)
@@ -156,11 +251,8 @@ def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=
         norm_backend = "fused" if on_cuda else "torch"
     if attention_backend == "auto":
         attention_backend = "triton" if on_cuda else "sdpa"
-    if norm_backend not in ("fused", "torch"):
-        raise ValueError(f"--norm_backend must be fused, torch or auto, got {norm_backend!r}")
-    if attention_backend not in ("triton", "sdpa", "xformers", "math"):
-        raise ValueError("--attention_backend must be triton, sdpa, xformers, math or auto, "
-                         f"got {attention_backend!r}")
+    _one_of("norm_backend", norm_backend, tuple(NORM_BACKENDS))
+    _one_of("attention_backend", attention_backend, tuple(ATTENTION_BACKENDS))
     return norm_backend, attention_backend
 
 

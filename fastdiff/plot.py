@@ -2,8 +2,8 @@
 
 Reads the metrics the trainer logs every --log_interval steps (LOG_DIR/metrics.jsonl, else
 LOG_DIR/progress.csv) and draws two panels: loss against step on a log scale, and
-images/s against step, with MFU on a second axis when the run logged it. Needs matplotlib
-(pip install 'fastdiff[plot]').
+images/s against step, with MFU on a second axis when the run logged it. matplotlib is an
+install requirement of fastdiff.
 """
 import argparse
 import csv
@@ -66,8 +66,8 @@ def plot_metrics(log_dir, out=None):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotError("fastdiff.plot needs matplotlib: pip install matplotlib "
-                        "(or pip install 'fastdiff[plot]')") from None
+        raise PlotError("fastdiff.plot needs matplotlib, which fastdiff's install brings: "
+                        "pip install matplotlib") from None
 
     out = out or os.path.join(log_dir, "metrics.png")
     # A bare Figure renders with the Agg backend and leaves pyplot's global state alone.

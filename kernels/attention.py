@@ -15,27 +15,34 @@ Every tensor is addressed through (base pointer, 4 strides), so guided-diffusion
 packed ``qkv`` tensor [N, 3·H·C, T] is read in place (no transpose or contiguous copy)
 and the output is written straight into the [N, H·C, T] layout its projection reads.
 
-Head dims up to 128: the head dim is padded to a power of two ≥ 16 in registers and
-masked, so 32/64/128 run unmasked and e.g. 40 or 80 run masked. Any sequence length:
-only the last (partial) block of a loop is masked.
+Head dims up to MAX_HEAD_DIM (128, kernels/inputs.py): the head dim is padded to a power
+of two ≥ 16 in registers and masked, so 32/64/128 run unmasked and e.g. 40 or 80 run
+masked. Any sequence length: only the last (partial) block of a loop is masked.
 
 Dots take bf16/fp16 operands on the GPU (tensor cores) and fp32 operands run in
 IEEE fp32 unless TF32 is allowed. Under TRITON_INTERPRET=1, bf16/fp16 dots are
 computed in fp32 after rounding the operands to the input dtype, because the
 interpreter's low-precision dot is wrong.
+
+Public entry points: the launchers ``attention_forward`` / ``attention_backward`` (q, k, v
+[B, H, S, D]) and ``qkv_attention_forward`` / ``qkv_attention_backward`` (GD's packed
+qkv). The differentiable functions are the custom ops ``fastdiff.ops.attention`` and
+``fastdiff.ops.qkv_attention``, which call these launchers on CUDA (and on CPU under the
+interpreter).
 """
 import contextlib
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops.attention import channels_as_heads, check_attention_inputs, qkv_head_views
+from fastdiff.kernels.determinism import autotuned, pin
+from fastdiff.kernels.inputs import (MAX_HEAD_DIM, channels_as_heads, check_attention_inputs,
+                                     interpreting, qkv_head_views)
 
-MAX_HEAD_DIM = 128
-
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+_INTERPRET = interpreting()
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -46,6 +53,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 # sm_90 / sm_80 and checks their shared memory. The interpreter gets one small config
 # (autotune with several configs fails there, and small blocks keep launches cheap
 # while still exercising multi-block loops and masked tails on tiny test shapes).
+# Order matters under fastdiff.kernels.set_deterministic: each launch then runs the
+# first config that prune_configs keeps for its shape.
 def _cfg(block_m, block_n, warps, stages):
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
@@ -102,17 +111,54 @@ def shared_memory_estimate(kind, cfg, block_d, element_size):
     return (resident + stages * streamed) * block_d * element_size + row_vectors
 
 
+def _fits(kind, cfg, block_d, element_size, input_precision, shared_limit):
+    """Whether ``cfg`` fits the shared memory and, for IEEE fp32 dots, the tile cap."""
+    if shared_memory_estimate(kind, cfg, block_d, element_size) > shared_limit:
+        return False
+    return not (element_size == 4 and input_precision == "ieee"
+                and cfg["BLOCK_M"] * cfg["BLOCK_N"] > _FP32_IEEE_MAX_TILE)
+
+
 def usable_configs(kind, block_d, element_size, input_precision="ieee", shared_limit=SM90_SHARED_BYTES):
-    """The configs of ``kind`` the autotuner tries for this head-dim block and dtype."""
-    kept = []
-    for cfg in KERNEL_CONFIGS[kind]:
-        if shared_memory_estimate(kind, cfg, block_d, element_size) > shared_limit:
-            continue
-        if element_size == 4 and input_precision == "ieee" and \
-                cfg["BLOCK_M"] * cfg["BLOCK_N"] > _FP32_IEEE_MAX_TILE:
-            continue
-        kept.append(cfg)
-    return kept
+    """The configs of ``kind`` the autotuner may try for this head-dim block and dtype."""
+    return [cfg for cfg in KERNEL_CONFIGS[kind]
+            if _fits(kind, cfg, block_d, element_size, input_precision, shared_limit)]
+
+
+def _covering_block(seq_len, blocks):
+    """The longest block worth using on a sequence: its length rounded up to a power of two,
+    or the shortest block there is when every block is longer."""
+    return max(triton.next_power_of_2(seq_len), min(blocks))
+
+
+def prune_configs(kind, configs, seq_q, seq_k, block_d, element_size, input_precision, shared_limit):
+    """The configs (dicts, in preference order) worth timing for one launch; never empty.
+
+    Dropped: configs over the GPU's shared memory or the IEEE fp32 tile cap
+    (:func:`usable_configs`), and configs whose query block (BLOCK_M, over ``seq_q``) or
+    key block (BLOCK_N, over ``seq_k``) is longer than the sequence rounded up to a power
+    of two: more than half of such a block is padding, and a shorter block covers the
+    sequence in as few steps. If the length rule drops every config that fits, the
+    configs that fit are kept; if none fits (a GPU with less shared memory than any
+    listed part), the one with the smallest estimate is returned, so that Triton reports
+    the resource error instead of failing on an empty list. With
+    :func:`fastdiff.kernels.set_deterministic` on, only the first kept config is returned:
+    one pinned config per shape, chosen without timing.
+    """
+    fitting = [cfg for cfg in configs
+               if _fits(kind, cfg, block_d, element_size, input_precision, shared_limit)]
+    if not fitting:
+        return [min(configs, key=lambda cfg: shared_memory_estimate(kind, cfg, block_d, element_size))]
+    longest_m = _covering_block(seq_q, [cfg["BLOCK_M"] for cfg in fitting])
+    longest_n = _covering_block(seq_k, [cfg["BLOCK_N"] for cfg in fitting])
+    short = [cfg for cfg in fitting if cfg["BLOCK_M"] <= longest_m and cfg["BLOCK_N"] <= longest_n]
+    return pin(short or fitting)
+
+
+def device_shared_memory(device):
+    """Opt-in shared memory per block (bytes) of the GPU ``device``."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", SM90_SHARED_BYTES)
 
 
 def _as_dict(config):
@@ -120,25 +166,28 @@ def _as_dict(config):
                 config.num_stages)
 
 
+def early_prune(kind, triton_configs, named_args, **kwargs):
+    """Triton's ``early_config_prune`` hook of the ``kind`` kernel: the autotuner's configs
+    that :func:`prune_configs` keeps for this launch (its arguments are ``named_args``, the
+    constexprs ``kwargs``)."""
+    q = named_args["q_ptr"]
+    kept = prune_configs(kind, [_as_dict(c) for c in triton_configs], named_args["seq_q"],
+                         named_args["seq_k"], kwargs["BLOCK_D"], q.element_size(),
+                         kwargs["INPUT_PRECISION"], device_shared_memory(q.device))
+    return [c for c in triton_configs if _as_dict(c) in kept]
+
+
 def _autotune(kind):
-    """@triton.autotune over KERNEL_CONFIGS[kind], pruned per head dim, dtype and device."""
+    """@triton.autotune over KERNEL_CONFIGS[kind], pruned per launch by :func:`early_prune`."""
     configs = [INTERPRETER_CONFIG] if _INTERPRET else KERNEL_CONFIGS[kind]
-
-    def early_prune(triton_configs, named_args, **kwargs):
-        q = named_args["q_ptr"]
-        props = torch.cuda.get_device_properties(q.device)
-        limit = getattr(props, "shared_memory_per_block_optin", SM90_SHARED_BYTES)
-        allowed = usable_configs(kind, kwargs["BLOCK_D"], q.element_size(),
-                                 kwargs["INPUT_PRECISION"], limit)
-        return [c for c in triton_configs if _as_dict(c) in allowed]
-
     triton_configs = [
         triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                       num_warps=c["num_warps"], num_stages=c["num_stages"])
         for c in configs
     ]
-    return triton.autotune(configs=triton_configs, key=["seq_q", "seq_k", "HEAD_DIM", "INPUT_PRECISION"],
-                           prune_configs_by={"early_config_prune": early_prune})
+    tune = triton.autotune(configs=triton_configs, key=["seq_q", "seq_k", "HEAD_DIM", "INPUT_PRECISION"],
+                           prune_configs_by={"early_config_prune": functools.partial(early_prune, kind)})
+    return lambda kernel: autotuned(tune(kernel))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -553,51 +602,3 @@ def qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order=True
                        channels_as_heads(out, num_heads), lse, 1.0 / math.sqrt(q.shape[-1]),
                        dq=dq, dk=dk, dv=dv, allow_tf32=allow_tf32)
     return grad_qkv
-
-
-# ----------------------------------------------------------------------------- autograd
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dq, dk, dv = attention_backward(grad_out, *ctx.saved_tensors, ctx.scale)
-        return dq, dk, dv, None
-
-
-class _QKVAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, legacy_order):
-        out, lse = qkv_attention_forward(qkv, num_heads, legacy_order)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.layout = (num_heads, legacy_order)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, out, lse = ctx.saved_tensors
-        return qkv_attention_backward(grad_out, qkv, out, lse, *ctx.layout), None, None
-
-
-def attention(q, k, v, scale=None):
-    """softmax(q·kᵀ·scale)·v with the Triton kernels (differentiable).
-
-    q: [B, H, Sq, D], k and v: [B, H, Sk, D], any strides, float16/bfloat16/float32,
-    D ≤ 128; ``scale`` defaults to 1/sqrt(D). CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1. Returns a contiguous [B, H, Sq, D] tensor.
-    """
-    return _AttentionFunction.apply(q, k, v, scale)
-
-
-def qkv_attention(qkv, num_heads, legacy_order=True):
-    """guided-diffusion's QKV attention on its packed [N, 3·H·C, T] tensor (differentiable).
-
-    ``legacy_order=True`` is QKVAttentionLegacy (heads split before q/k/v), False is
-    QKVAttention (q/k/v chunked first). Reads qkv in place; returns [N, H·C, T].
-    """
-    return _QKVAttentionFunction.apply(qkv, num_heads, legacy_order)

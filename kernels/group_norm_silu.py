@@ -19,22 +19,23 @@ them (same order every time) and normalizes its chunk. The backward does the sam
 its per-channel sums. No floating-point atomics anywhere, so results are deterministic.
 
 Public entry points:
-- ``group_norm_silu(...)``: the differentiable Triton path (a torch.autograd.Function).
-- ``group_norm_silu_forward`` / ``group_norm_silu_backward``: the launchers that the
-  custom op in fastdiff/ops/group_norm_silu.py calls on CUDA (and under the interpreter).
+- ``group_norm_silu_forward`` / ``group_norm_silu_backward``: the launchers. The
+  differentiable function is the custom op ``fastdiff.ops.group_norm_silu``, which calls
+  them on CUDA (and on CPU under the interpreter); they take scale/shift as [N, C] views
+  (``fastdiff.kernels.inputs.scale_shift_2d``) and check no arguments but the device.
 - ``TILE_CONFIGS`` / ``block_configs()``: every launch configuration, for the GPU-compile
   test.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops.group_norm_silu import check_inputs, output_like, scale_shift_2d
+from fastdiff.kernels.determinism import autotuned, pin
+from fastdiff.kernels.inputs import interpreting, output_like
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()
 
 # (TILE = elements per tile, num_warps) tried by the autotuner on the GPU. Small tiles
 # suit small groups (low-resolution layers), large tiles keep more bytes in flight.
@@ -80,6 +81,13 @@ def block_configs():
     ]
 
 
+def prune_tile_configs(configs, named_args, **kwargs):
+    """Triton's ``early_config_prune`` hook: every config is timed, except under
+    fastdiff.kernels.set_deterministic, where the first (GPU_TILE_CONFIGS[0]) is pinned
+    for every shape: the tile decides the order the statistics are summed in."""
+    return pin(configs)
+
+
 def _tiled(kernel):
     """Autotune TILE/num_warps and derive the tile's shape from the group's layout."""
     configs = [triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in TILE_CONFIGS]
@@ -88,7 +96,9 @@ def _tiled(kernel):
                                           a["stride_xs"], a["TILE"]),
         "BLOCK_S": lambda a: a["TILE"] // a["BLOCK_C"],
     })(kernel)
-    return triton.autotune(configs, key=["cpg", "S", "s_chunk", "stride_xc"])(shaped)
+    tune = triton.autotune(configs, key=["cpg", "S", "s_chunk", "stride_xc"],
+                           prune_configs_by={"early_config_prune": prune_tile_configs})
+    return autotuned(tune(shaped))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -573,39 +583,3 @@ def group_norm_silu_backward(dy, x, weight, bias, mean, rstd, num_groups, scale,
             sums, scale_t, dweight, dbias, N, C, stride_sn, stride_sc,
             HAS_SCALE=scale is not None, BLOCK=PARAM_BLOCK, num_warps=PARAM_WARPS)
     return dx, dweight, dbias, dscale, dshift
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-class GroupNormSiLUFunction(torch.autograd.Function):
-    """Differentiable Triton GroupNorm(+scale/shift)(+SiLU); scale/shift already [N, C]."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, scale, shift, act):
-        y, mean, rstd = group_norm_silu_forward(x, weight, bias, num_groups, eps, scale, shift, act)
-        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.num_groups = num_groups
-        ctx.act = act
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias, dscale, dshift = group_norm_silu_backward(
-            dy, x, weight, bias, mean, rstd, ctx.num_groups, scale, shift, ctx.act)
-        return dx, dweight, dbias, None, None, dscale, dshift, None
-
-
-def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act=True):
-    """act((GroupNorm(x) * weight + bias) * (1 + scale) + shift) with Triton kernels.
-
-    x: [N, C, *spatial] fp32/fp16/bf16 (any dense layout, e.g. channels_last); weight and
-    bias: [C]; scale/shift: optional [N, C] or [N, C, 1, ...]; act: SiLU if True, else the
-    identity. Statistics in fp32, output in x's dtype. Differentiable in x, weight, bias,
-    scale and shift. Needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1).
-    """
-    check_inputs(x, weight, bias, num_groups, scale, shift)
-    _check_triton_device(x)
-    return GroupNormSiLUFunction.apply(x, weight, bias, num_groups, float(eps),
-                                       scale_shift_2d(scale, x), scale_shift_2d(shift, x), bool(act))

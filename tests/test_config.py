@@ -1,8 +1,13 @@
-"""GD-compatible flags: names, defaults, boolean parsing, presets."""
+"""GD-compatible flags: names, defaults, boolean parsing, presets; --deterministic."""
 import argparse
+import dataclasses
+import os
 
 import pytest
+import torch
+import torch._inductor.config as inductor_config
 
+import fastdiff.kernels
 from fastdiff import config as C
 from fastdiff.train import cli
 
@@ -86,3 +91,40 @@ def test_create_model_and_diffusion_takes_gd_keywords():
     assert model.out[-1].out_channels == 6
     with pytest.raises(TypeError, match="unexpected"):
         C.create_model_and_diffusion(**kw, bogus=1)
+
+
+# ----------------------------------------------------------------- --deterministic
+def _determinism_settings():
+    return dict(kernels=fastdiff.kernels.is_deterministic(),
+                torch=torch.are_deterministic_algorithms_enabled(),
+                warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                inductor=inductor_config.deterministic,
+                cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def test_deterministic_flag_is_off_by_default_and_documented():
+    assert cli.parse_config([])[2].deterministic is False
+    assert cli.parse_config(["--deterministic"])[2].deterministic is True
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(C.TrainConfig)}
+    assert "pinned config" in help_text["deterministic"]
+
+
+def test_deterministic_flag_sets_the_switches_for_the_run_only(monkeypatch):
+    # The run itself is replaced by a probe: what matters is the state it starts in.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # so that turning it off shows
+    before = _determinism_settings()
+    seen = []
+
+    def probe(*args):
+        seen.append(_determinism_settings())
+        return 0
+
+    monkeypatch.setattr(cli, "_start", probe)
+    assert cli.main(["--deterministic", "True"]) == 0
+    assert cli.main([]) == 0
+    assert seen[0] == dict(kernels=True, torch=True, warn_only=True, cudnn_benchmark=False,
+                           inductor=True, cublas=":4096:8")
+    assert seen[1] == before  # without the flag nothing changes
+    assert _determinism_settings() == before  # main() may run in-process: all restored

@@ -1,5 +1,6 @@
 """python -m fastdiff.evaluate: feature statistics, the digits classifier, the validation loss
 and the CLI end to end on a checkpoint trained here."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from fastdiff.evaluate.digits_metrics import held_out_digits, score_digit_sample
 from fastdiff.evaluate.feature_stats import frechet_distance, kernel_inception_distance
 from fastdiff.evaluate.val_loss import (fixed_timesteps, load_validation_set, validation_loss,
                                         validation_noise)
+from fastdiff.models.unet import UNetModel
 
 TINY_MODEL = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                   attention_resolutions="8", num_heads=2, diffusion_steps=40)
@@ -44,20 +46,35 @@ def classifier_cache(tmp_path_factory):
     return directory, dc.load_or_train_classifier(directory=str(directory))
 
 
+def perturb_(state_dict, seed=0):
+    """Add seeded noise to every weight. GD zero-initialises the output conv, and two steps
+    of training leave it at ~1e-4: such a model samples nearly the same images whatever the
+    labels, so a test could not see labels lost or shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for value in state_dict.values():
+            value.add_(torch.randn(value.shape, generator=generator), alpha=0.05)
+    return state_dict
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """An EMA checkpoint (+ config.json) of a 2-step digits run of `fastdiff.train`."""
+    """An EMA checkpoint (+ config.json) of a 2-step digits run of `fastdiff.train`, its
+    weights then perturbed (perturb_) so that the labels visibly steer the samples."""
     from fastdiff.train import cli as train_cli
 
     log_dir = tmp_path_factory.mktemp("tiny_run")
     assert train_cli.main(TINY_TRAIN + ["--log_dir", str(log_dir)]) == 0
-    return log_dir / "ema_0.99_000002.pt"
+    checkpoint = log_dir / "ema_0.99_000002.pt"
+    torch.save(perturb_(torch.load(checkpoint, weights_only=True)), checkpoint)
+    return checkpoint
 
 
 def tiny_model(**extra):
     kw = C.model_and_diffusion_defaults()
     kw.update(TINY_MODEL, **extra)
     model, diffusion = C.create_model_and_diffusion(**kw)
+    perturb_(model.state_dict())  # state_dict tensors share the parameters' storage
     return model.eval(), diffusion, kw
 
 
@@ -268,19 +285,41 @@ def test_validation_set_digits_are_held_out_and_folders_use_gd_order(tmp_path):
 def test_cli_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, classifier_cache, tmp_path,
                                                 monkeypatch, capsys):
     monkeypatch.setenv("FASTDIFF_CACHE", str(classifier_cache[0]))
-    asked = []
-    real_generate = cli.generate
+    generated, scored = [], []
+    real_generate, real_score = cli.generate, cli.score_digit_samples
 
     def recording_generate(*args, labels=None, **kwargs):
-        asked.extend(labels.tolist())
-        return real_generate(*args, labels=labels, **kwargs)
+        rng = torch.get_rng_state()
+        with labels_seen_by_the_unet() as seen:
+            images, returned = real_generate(*args, labels=labels, **kwargs)
+        rng_after = torch.get_rng_state()
+        torch.set_rng_state(rng)  # the same noise, each sample asked for the next class
+        relabelled, _ = real_generate(*args, labels=(labels + 1) % 10, **kwargs)
+        torch.set_rng_state(rng_after)
+        generated.append(dict(labels=labels.copy(), seen=seen, images=images,
+                              relabelled=relabelled))
+        return images, returned
+
+    def recording_score(classifier, samples, labels, *args, **kwargs):
+        scored.append(dict(samples=samples, labels=np.asarray(labels).copy()))
+        return real_score(classifier, samples, labels, *args, **kwargs)
 
     monkeypatch.setattr(cli, "generate", recording_generate)
+    monkeypatch.setattr(cli, "score_digit_samples", recording_score)
     out = tmp_path / "eval.json"
     rc = cli.main(["--model_path", str(tiny_checkpoint), "--out", str(out)] + QUICK_EVAL)
     assert rc == 0
+    [run], [score] = generated, scored
     # The digits' 10 classes, each twice (the model's label table has GD's 1000 rows).
-    assert sorted(asked) == sorted(list(range(10)) * 2)
+    assert sorted(run["labels"].tolist()) == sorted(list(range(10)) * 2)
+    # The UNet saw those labels, sample by sample (batches of 16 and 4, 3 steps each) ...
+    batches = [run["labels"][:16]] * 3 + [run["labels"][16:]] * 3
+    assert [y.tolist() for y in run["seen"]] == [b.tolist() for b in batches]
+    # ... they steer the samples (other labels, other images) ...
+    assert np.abs(run["relabelled"].astype(int) - run["images"]).mean() > 2
+    # ... and the classifier's accuracy compares each sample with its own label.
+    assert np.array_equal(score["samples"], run["images"])
+    assert score["labels"].tolist() == run["labels"].tolist()
     printed = json.loads(capsys.readouterr().out)
     result = json.loads(out.read_text())
     assert printed == result
@@ -302,6 +341,21 @@ def test_cli_end_to_end_on_a_trained_checkpoint(tiny_checkpoint, classifier_cach
     again = json.loads((tiny_checkpoint.parent / "eval_ema_0.99_000002.json").read_text())
     assert again["val_loss"] == val and again["digits"] is None
     assert any("--num_samples 0" in note for note in again["notes"])
+
+
+@contextlib.contextmanager
+def labels_seen_by_the_unet():
+    """The class labels (y) of every UNet call inside the block, in call order."""
+    seen = []
+    forward = UNetModel.forward
+
+    def recording_forward(self, x, timesteps, y=None):
+        seen.append(y.clone())
+        return forward(self, x, timesteps, y)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(UNetModel, "forward", recording_forward)
+        yield seen
 
 
 def image_folder_run(tmp_path, step, num_images):

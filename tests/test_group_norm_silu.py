@@ -185,8 +185,26 @@ def test_bad_inputs_raise_clear_errors():
 def test_triton_path_refuses_cpu_tensors_without_interpreter():
     kernels = importlib.import_module("fastdiff.kernels.group_norm_silu")
     assert not kernels.INTERPRET
+    x, weight, bias = torch.randn(2, 8, 3, 3), torch.ones(8), torch.zeros(8)
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        kernels.group_norm_silu(torch.randn(2, 8, 3, 3), torch.ones(8), torch.zeros(8), 4)
+        kernels.group_norm_silu_forward(x, weight, bias, 4, 1e-5, None, None, True)
+    stats = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        kernels.group_norm_silu_backward(x, x, weight, bias, stats, stats, 4, None, None, True)
+
+
+def test_interpreter_flag_is_read_like_triton(monkeypatch):
+    # The ops send CPU tensors to the launchers exactly when Triton interprets the kernels:
+    # both must read TRITON_INTERPRET the same way (triton's knob reads the variable anew).
+    import triton
+
+    from fastdiff.kernels.inputs import interpreting
+
+    for value in ["1", "true", "TRUE", "On", "yes", "y", "0", "false", "off", "2", "", " 1", "t"]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreting() == triton.knobs.runtime.interpret, repr(value)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreting()
 
 
 def test_split_plan_fills_the_gpu_and_covers_the_spatial_range(monkeypatch):

@@ -125,7 +125,10 @@ import fastdiff, fastdiff.kernels
 for package in (fastdiff, fastdiff.kernels):
     try_import(package.__name__)
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        if not info.name.endswith(".__main__"):  # entry scripts: importing one runs it
+        # Entry scripts (importing one runs it) and the C++ op library fastdiff._C, which a
+        # --no-build-isolation install leaves in the package: it is loaded with
+        # torch.ops.load_library, not imported (it has no PyInit function).
+        if not info.name.endswith(".__main__") and info.name != "fastdiff._C":
             try_import(info.name)
 
 # The diffusers swap-in path: diffusers' imports, a model built from a config (no

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import select
-import time
 
 import pytest
 import torch
@@ -119,37 +118,76 @@ def test_cpu_has_no_peak_and_bad_precision_is_an_error():
         T.peak_flops_for_name("NVIDIA H100", "fp8")
 
 
+class FakeClock:
+    """A clock that moves only when told to. The durations below are binary fractions, so
+    every interval metric is exact and the tests compare with ==."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def batches_taking(clock, seconds):
+    """An endless data iterator whose every batch takes ``seconds`` of the fake clock."""
+    while True:
+        clock.advance(seconds)
+        yield 1
+
+
 def test_mfu_uses_per_device_throughput():
     # 1 GFLOP per image, 800 img/s over 2 devices, 1 TFLOP/s peak: 400 GFLOP/s per device.
     assert T.model_flops_utilization(1e9, 800.0, 2, 1e12) == pytest.approx(0.4)
-    tel = T.Telemetry("cpu", world_size=2, flops_per_image=2e9, peak_flops=1e12)
-    tel.meter.start -= 2.0  # a 2 s interval ...
-    for _ in range(4):
-        tel.step_done(25)  # ... of 100 images
+    clock = FakeClock()
+    tel = T.Telemetry("cpu", world_size=2, flops_per_image=2e9, peak_flops=1e12, clock=clock)
+    for _ in range(4):  # a 2 s interval of 100 images
+        clock.advance(0.5)
+        tel.step_done(25)
     kvs = tel.interval_metrics()
-    assert kvs["images_per_sec"] == pytest.approx(50.0, rel=0.05)
-    assert kvs["mfu"] == pytest.approx(2e9 * kvs["images_per_sec"] / 2 / 1e12)
-    assert kvs["flops_per_image"] == 2e9 and kvs["step_time_ms"] > 0
-    assert "mfu" not in T.Telemetry("cpu", flops_per_image=2e9).interval_metrics()
+    assert kvs["images_per_sec"] == 50.0 and kvs["step_time_ms"] == 500.0
+    assert kvs["mfu"] == pytest.approx(2e9 * 50.0 / 2 / 1e12, rel=1e-12)  # float products only
+    assert kvs["flops_per_image"] == 2e9
+    assert "mfu" not in T.Telemetry("cpu", flops_per_image=2e9, clock=clock).interval_metrics()
+
+
+def test_interval_metrics_start_a_new_interval():
+    clock = FakeClock()
+    tel = T.Telemetry("cpu", clock=clock)
+    clock.advance(4.0)
+    tel.step_done(8)
+    assert tel.interval_metrics()["images_per_sec"] == 2.0
+    clock.advance(0.25)  # the next interval: its own time and images only
+    tel.step_done(4)
+    kvs = tel.interval_metrics()
+    assert kvs["images_per_sec"] == 16.0 and kvs["step_time_ms"] == 250.0
+    assert kvs["data_wait_frac"] == 0.0
 
 
 def test_interval_meter_data_wait_and_paused_time():
-    def slow_data():
-        while True:
-            time.sleep(0.05)
-            yield 1
-
-    meter, data = T.IntervalMeter(), slow_data()
+    clock = FakeClock()
+    meter, data = T.IntervalMeter(clock), batches_taking(clock, 0.125)
     for _ in range(4):
-        meter.next_batch(data)
-        time.sleep(0.05)  # the "step"
+        meter.next_batch(data)  # 0.125 s waiting for data ...
+        clock.advance(0.375)  # ... and 0.375 s of step
         meter.step_done(8)
     with meter.paused():
-        time.sleep(0.4)  # a checkpoint: not training time
-    out = meter.summary()
-    assert 0.25 < out["data_wait_frac"] < 0.75
-    assert 80 < out["step_time_ms"] < 200
-    assert out["images_per_sec"] == pytest.approx(8 / (out["step_time_ms"] / 1000))
+        clock.advance(4.0)  # a checkpoint: not training time
+    assert meter.busy_seconds() == 2.0
+    assert meter.images_per_sec() == 16.0  # the progress bar's figure
+    assert meter.summary() == {"images_per_sec": 16.0, "step_time_ms": 500.0,
+                               "data_wait_frac": 0.25}
+
+
+def test_interval_meter_reports_nothing_for_an_empty_interval():
+    clock = FakeClock()
+    meter = T.IntervalMeter(clock)
+    assert meter.summary() == {} and meter.images_per_sec() is None  # no time has passed
+    clock.advance(1.0)
+    assert meter.summary() == {"data_wait_frac": 0.0}  # time, but no step yet
 
 
 def test_metrics_line_lists_known_fields_only():

@@ -422,6 +422,16 @@ def test_kernel_backends():
     assert model.kernel_backends() == {"norm": "fused", "attention": "sdpa"}
 
 
+def test_kernel_backends_name_the_sdpa_fallback_of_wide_heads():
+    # Heads wider than the Triton kernel's limit (128 channels) run SDPA: the startup log
+    # reads kernel_backends(), so it must name what runs, not what was asked for.
+    wide = dict(TINY, num_channels=160, attention_resolutions="32,16")
+    all_wide = create_model(**{**wide, "num_heads": 1}, attention_backend="triton")
+    assert all_wide.kernel_backends()["attention"] == "sdpa"      # head dims 160 and 320
+    mixed = create_model(**{**wide, "num_heads": 2}, attention_backend="triton")
+    assert mixed.kernel_backends()["attention"] == "sdpa, triton"  # head dims 80 and 160
+
+
 def test_fp16_conversion_api():
     model = create_model(**TINY, use_fp16=True)
     assert model.dtype == torch.float32  # kept in fp32 until converted (autocast path)

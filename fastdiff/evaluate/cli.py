@@ -18,7 +18,8 @@ import torch
 
 from fastdiff import config as C
 from fastdiff.data import class_labels, list_image_files
-from fastdiff.sample import fill_model_flags_from_run, generate, load_model, respaced_diffusion
+from fastdiff.runtime import logger_restored
+from fastdiff.sampling import fill_model_flags_from_run, generate, load_model, respaced_diffusion
 from fastdiff.train.checkpoint import atomic_write_text
 from fastdiff.train.telemetry import progress_enabled
 
@@ -58,20 +59,17 @@ class EvalConfig:
 def main(argv=None):
     """Run the evaluation; returns the exit code (2 with a one-line error on bad input)."""
     argv = sys.argv[1:] if argv is None else argv
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    saved = (log.level, log.propagate)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        result = evaluate(argv)
-    except ValueError as e:  # includes CheckpointError and DataError: one line, exit 2
-        print(f"fastdiff.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        log.removeHandler(handler)
-        log.level, log.propagate = saved
+    with logger_restored():  # messages on stderr: stdout carries the JSON
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        try:
+            result = evaluate(argv)
+        except ValueError as e:  # includes CheckpointError and DataError: one line, exit 2
+            print(f"fastdiff.evaluate: error: {e}", file=sys.stderr)
+            return 2
     print(json.dumps(result, indent=1))
     return 0
 

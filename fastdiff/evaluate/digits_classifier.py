@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.data import DigitsDataset
-from fastdiff.sample import to_uint8_nhwc
+from fastdiff.sampling import to_uint8_nhwc
 from fastdiff.train.checkpoint import atomic_torch_save
 
 log = logging.getLogger("fastdiff.evaluate")

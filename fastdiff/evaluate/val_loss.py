@@ -5,12 +5,12 @@ function of the weights, so curves from different checkpoints and runs can be co
 by point. The images are held out from training where that is possible: for the embedded
 digits, the same held-out split the digits classifier never trains on.
 """
-import contextlib
 
 import numpy as np
 import torch
 
 from fastdiff.data import DataError, DigitsDataset, ImageFolderDataset, UnreadableImage
+from fastdiff.runtime import autocast
 
 from .digits_classifier import digits_split
 
@@ -82,7 +82,6 @@ def validation_loss(model, diffusion, images, labels=None, *, seed=0, batch_size
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device)
     timesteps = fixed_timesteps(diffusion.num_timesteps)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     was_training = model.training
     model.eval()
     sums = {}
@@ -94,8 +93,7 @@ def validation_loss(model, diffusion, images, labels=None, *, seed=0, batch_size
                 noise = validation_noise(seed, k, range(start, stop), x.shape[1:]).to(device)
                 t = torch.full((len(x),), t_value, dtype=torch.long, device=device)
                 kwargs = {} if labels is None else {"y": labels[start:stop].to(device)}
-                ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-                with ctx:
+                with autocast(precision, device.type):
                     terms = diffusion.training_losses(model, x, t, model_kwargs=kwargs,
                                                       noise=noise)
                 for name, values in terms.items():

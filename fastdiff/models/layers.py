@@ -18,10 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# Largest head dim the Triton attention kernel handles; wider heads go to SDPA.
+from fastdiff.kernels.inputs import MAX_HEAD_DIM as TRITON_MAX_HEAD_DIM
+
 NORM_BACKENDS = ("torch", "fused")
 ATTENTION_BACKENDS = ("math", "sdpa", "triton", "xformers")
-# Largest head dim the Triton attention kernel handles; wider heads go to SDPA.
-TRITON_MAX_HEAD_DIM = 128
 NORM_GROUPS = 32
 
 logger = logging.getLogger("fastdiff")
@@ -224,7 +225,7 @@ class MultiHeadQKVAttention(nn.Module):
             raise ValueError(f"qkv width {width} is not divisible by 3 * n_heads ({self.n_heads})")
         head_dim = width // (3 * self.n_heads)
         if self.backend == "math":
-            return self._math(qkv, head_dim)
+            return self._math(qkv)
         if self.backend == "triton":
             from fastdiff.ops.attention import qkv_attention
 
@@ -233,18 +234,11 @@ class MultiHeadQKVAttention(nn.Module):
             return self._sdpa(qkv, head_dim)
         return self._xformers(qkv, head_dim)
 
-    def _math(self, qkv, head_dim):
-        batch, _, length = qkv.shape
-        if self.legacy_order:
-            q, k, v = qkv.reshape(batch * self.n_heads, 3 * head_dim, length).split(head_dim, dim=1)
-        else:
-            q, k, v = (t.reshape(batch * self.n_heads, head_dim, length) for t in qkv.chunk(3, dim=1))
-        # Scaling q and k by C^-1/4 each, before the product, keeps fp16 logits in range.
-        scale = 1 / math.sqrt(math.sqrt(head_dim))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        out = torch.einsum("bts,bcs->bct", weight, v)
-        return out.reshape(batch, -1, length)
+    def _math(self, qkv):
+        # GD's einsum, op for op (bitwise GD in fp32); the qkv op's CPU forward runs it too.
+        from fastdiff.ops.attention import gd_qkv_attention
+
+        return gd_qkv_attention(qkv, self.n_heads, self.legacy_order)
 
     def _qkv_heads_last(self, qkv, head_dim, layout):
         """q, k, v with head channels last (stride 1), as fused kernels require.

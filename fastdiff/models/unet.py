@@ -12,6 +12,7 @@ from .layers import (
     NORM_BACKENDS,
     AttentionBlock,
     Downsample,
+    MultiHeadQKVAttention,
     ResBlock,
     TimestepEmbedSequential,
     Upsample,
@@ -154,7 +155,11 @@ class UNetModel(nn.Module):
 
     def kernel_backends(self):
         """The kernels this model was built with, e.g. {"norm": "fused", "attention": "triton"}."""
-        return {"norm": self.norm_backend, "attention": self.attention_backend}
+        # What the attention blocks actually run: a head dim over the Triton kernel's limit
+        # falls back to SDPA per block, and the log must say so, not repeat the request.
+        used = sorted({m.backend for m in self.modules() if isinstance(m, MultiHeadQKVAttention)})
+        return {"norm": self.norm_backend,
+                "attention": ", ".join(used) if used else self.attention_backend}
 
     def _torso(self):
         return (self.input_blocks, self.middle_block, self.output_blocks)

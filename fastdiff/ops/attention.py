@@ -5,83 +5,30 @@ flash backward recomputes the probabilities from, so they are an op output the a
 formula saves. The Python wrappers :func:`attention` and :func:`qkv_attention` return
 only ``out``.
 
-Dispatch: CUDA → the Triton kernels (kernels/attention.py); every other device → a
+Dispatch: CUDA → the Triton launchers (kernels/attention.py); every other device → a
 torch fallback (for ``qkv_attention`` exactly guided-diffusion's einsum math, so fp32
-results equal GD's), or the Triton kernels under TRITON_INTERPRET=1. The backward
-passes are custom ops too, so torch.compile sees the whole op pair as opaque nodes.
+results equal GD's: :func:`gd_qkv_attention`), or the Triton launchers under
+TRITON_INTERPRET=1. The backward passes are custom ops too, so torch.compile sees the whole
+op pair as opaque nodes.
+
+The input checks and views are the launchers' too (fastdiff.kernels.inputs, no triton);
+the launchers are imported inside the functions that call them, so this module imports
+no triton unless a Triton path runs.
 """
 import math
-import os
 from typing import Optional
 
 import torch
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastdiff.kernels.inputs import (channels_as_heads, check_attention_inputs, check_qkv_inputs,
+                                     interpreting, qkv_head_views)
 
 
-def _interpreting():
-    """True when Triton runs kernels in its CPU interpreter (read like triton does)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def _launchers():
+    """The Triton launchers' module, imported on first use (it imports triton)."""
+    from fastdiff.kernels import attention as launchers
 
-
-# ----------------------------------------------------------------------------- shape rules
-def check_attention_inputs(q, k, v):
-    """Raise a one-line error unless q [B, H, Sq, D] and k, v [B, H, Sk, D] fit together."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D [batch, heads, seq, head_dim], "
-                             f"got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"attention: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention: mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}; expected [B, H, Sq, D], [B, H, Sk, D], [B, H, Sk, D]")
-    if k.shape[2] == 0 or q.shape[3] == 0:
-        raise ValueError(f"attention: empty key sequence or head dim (k shape {tuple(k.shape)})")
-
-
-def check_qkv_inputs(qkv, num_heads):
-    """Raise unless qkv is [N, 3·H·C, T] for ``num_heads`` heads; return the head dim C."""
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv_attention: qkv must be a tensor, got {type(qkv).__name__}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"qkv_attention: num_heads must be a positive int, got {num_heads!r}")
-    if qkv.dim() != 3:
-        raise ValueError(f"qkv_attention: qkv must be 3-D [N, 3*heads*C, T], got shape {tuple(qkv.shape)}")
-    if qkv.dtype not in _DTYPES:
-        raise TypeError(f"qkv_attention: dtype {qkv.dtype}; expected float16, bfloat16 or float32")
-    width, length = qkv.shape[1], qkv.shape[2]
-    if width == 0 or width % (3 * num_heads) != 0:
-        raise ValueError(f"qkv_attention: channel count {width} is not a positive multiple of "
-                         f"3*num_heads = {3 * num_heads}")
-    if length == 0:
-        raise ValueError("qkv_attention: empty sequence (T = 0)")
-    return width // (3 * num_heads)
-
-
-def qkv_head_views(x, num_heads, legacy_order):
-    """q, k, v of a packed [N, 3·H·C, T] tensor as [N, H, T, C] views (no copy).
-
-    Legacy order (QKVAttentionLegacy): channels are (head, q|k|v, c). New order
-    (QKVAttention): channels are (q|k|v, head, c).
-    """
-    head_dim = check_qkv_inputs(x, num_heads)
-    if legacy_order:
-        split = x.unflatten(1, (num_heads, 3, head_dim))
-        parts = (split[:, :, 0], split[:, :, 1], split[:, :, 2])
-    else:
-        split = x.unflatten(1, (3, num_heads, head_dim))
-        parts = (split[:, 0], split[:, 1], split[:, 2])
-    return tuple(p.transpose(2, 3) for p in parts)
-
-
-def channels_as_heads(x, num_heads):
-    """[N, H·C, T] → its [N, H, T, C] view."""
-    return x.unflatten(1, (num_heads, -1)).transpose(2, 3)
+    return launchers
 
 
 def _default_scale(head_dim, scale):
@@ -109,13 +56,19 @@ def _math_attention_backward(grad_out, q, k, v, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _gd_qkv_attention(qkv, num_heads, legacy_order):
-    """guided-diffusion's attention math, op for op (so fp32 results match it bitwise):
-    C^-1/4 applied to q and to k in the input dtype, scores by einsum, softmax in fp32,
-    probabilities cast back to the input dtype, einsum with v."""
+def gd_qkv_attention(qkv, num_heads, legacy_order, need_lse=False):
+    """guided-diffusion's QKVAttentionLegacy (``legacy_order``) / QKVAttention forward on the
+    packed [N, 3·H·C, T] qkv, op for op, so that results equal GD's bitwise: C^-1/4 applied
+    to q and to k in the input dtype, scores by einsum, softmax in fp32, probabilities cast
+    back to the input dtype, einsum with v. Returns [N, H·C, T], and with ``need_lse`` also
+    the scores' log-sum-exp [N, H, T] in fp32 (what the op's backward is given).
+
+    The models' ``attention_backend="math"`` and the qkv op's CPU forward both run this.
+    """
     batch, width, length = qkv.shape
     head_dim = width // (3 * num_heads)
     rows = batch * num_heads
+    # Scaling q and k by C^-1/4 each, before the product, keeps fp16 logits in range.
     quarter_scale = 1 / math.sqrt(math.sqrt(head_dim))
     if legacy_order:
         q, k, v = qkv.reshape(rows, 3 * head_dim, length).split(head_dim, dim=1)
@@ -127,9 +80,10 @@ def _gd_qkv_attention(qkv, num_heads, legacy_order):
         v = v.reshape(rows, head_dim, length)
     scores = torch.einsum("bct,bcs->bts", q_scaled, k_scaled)
     probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-    out = torch.einsum("bts,bcs->bct", probs, v).reshape(batch, -1, length).contiguous()
-    lse = torch.logsumexp(scores.float(), dim=-1).view(batch, num_heads, length)
-    return out, lse
+    out = torch.einsum("bts,bcs->bct", probs, v).reshape(batch, -1, length)
+    if not need_lse:
+        return out
+    return out, torch.logsumexp(scores.float(), dim=-1).view(batch, num_heads, length)
 
 
 # ----------------------------------------------------------------------------- attention op
@@ -138,9 +92,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_attention_inputs(q, k, v)
     scale = _default_scale(q.shape[-1], scale)
-    if _interpreting():
-        from fastdiff.kernels.attention import attention_forward
-        return attention_forward(q, k, v, scale)
+    if interpreting():
+        return _launchers().attention_forward(q, k, v, scale)
     return _math_attention(q, k, v, scale)
 
 
@@ -152,8 +105,7 @@ def _(q, k, v, scale=None):
 
 @_attention_op.register_kernel("cuda")
 def _(q, k, v, scale=None):
-    from fastdiff.kernels.attention import attention_forward
-    return attention_forward(q, k, v, _default_scale(q.shape[-1], scale))
+    return _launchers().attention_forward(q, k, v, _default_scale(q.shape[-1], scale))
 
 
 @torch.library.custom_op("fastdiff::attention_backward", mutates_args=())
@@ -161,9 +113,8 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            out: torch.Tensor, lse: torch.Tensor,
                            scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = _default_scale(q.shape[-1], scale)
-    if _interpreting():
-        from fastdiff.kernels.attention import attention_backward
-        return attention_backward(grad_out, q, k, v, out, lse, scale)
+    if interpreting():
+        return _launchers().attention_backward(grad_out, q, k, v, out, lse, scale)
     return _math_attention_backward(grad_out, q, k, v, scale)
 
 
@@ -174,8 +125,7 @@ def _(grad_out, q, k, v, out, lse, scale=None):
 
 @_attention_backward_op.register_kernel("cuda")
 def _(grad_out, q, k, v, out, lse, scale=None):
-    from fastdiff.kernels.attention import attention_backward
-    return attention_backward(grad_out, q, k, v, out, lse, _default_scale(q.shape[-1], scale))
+    return _launchers().attention_backward(grad_out, q, k, v, out, lse, _default_scale(q.shape[-1], scale))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -200,10 +150,10 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 def _qkv_attention_op(qkv: torch.Tensor, num_heads: int,
                       legacy_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     check_qkv_inputs(qkv, num_heads)
-    if _interpreting():
-        from fastdiff.kernels.attention import qkv_attention_forward
-        return qkv_attention_forward(qkv, num_heads, legacy_order)
-    return _gd_qkv_attention(qkv, num_heads, legacy_order)
+    if interpreting():
+        return _launchers().qkv_attention_forward(qkv, num_heads, legacy_order)
+    out, lse = gd_qkv_attention(qkv, num_heads, legacy_order, need_lse=True)
+    return out.contiguous(), lse  # the fake impl's layout
 
 
 @_qkv_attention_op.register_fake
@@ -216,16 +166,14 @@ def _(qkv, num_heads, legacy_order=True):
 
 @_qkv_attention_op.register_kernel("cuda")
 def _(qkv, num_heads, legacy_order=True):
-    from fastdiff.kernels.attention import qkv_attention_forward
-    return qkv_attention_forward(qkv, num_heads, legacy_order)
+    return _launchers().qkv_attention_forward(qkv, num_heads, legacy_order)
 
 
 @torch.library.custom_op("fastdiff::qkv_attention_backward", mutates_args=())
 def _qkv_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                                lse: torch.Tensor, num_heads: int, legacy_order: bool = True) -> torch.Tensor:
-    if _interpreting():
-        from fastdiff.kernels.attention import qkv_attention_backward
-        return qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
+    if interpreting():
+        return _launchers().qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
     q, k, v = qkv_head_views(qkv, num_heads, legacy_order)
     grads = _math_attention_backward(channels_as_heads(grad_out, num_heads), q, k, v,
                                      1.0 / math.sqrt(q.shape[-1]))
@@ -242,8 +190,7 @@ def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
 
 @_qkv_attention_backward_op.register_kernel("cuda")
 def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
-    from fastdiff.kernels.attention import qkv_attention_backward
-    return qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
+    return _launchers().qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
 
 
 def _qkv_setup_context(ctx, inputs, output):

@@ -9,84 +9,26 @@ model definition compiles everywhere and dispatches by device:
   on x.float(), then the scale/shift and SiLU, cast back to x's dtype), or the Triton
   kernels when TRITON_INTERPRET=1 (how the tests check the Triton code without a GPU).
 
-This module imports no triton unless a Triton path runs, so the CPU fallback works
-without triton installed.
+This module imports no triton unless a Triton path runs (the launchers are imported
+inside the functions that call them), so the CPU fallback works without triton installed.
+The input checks and views are the launchers' too: fastdiff.kernels.inputs.
 """
-import importlib
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastdiff.kernels.inputs import (check_group_norm_inputs, interpreting, output_like,
+                                     scale_shift_2d)
 
 
-# --------------------------------------------------------------------------- input checks
-
-
-def check_inputs(x, weight, bias, num_groups, scale=None, shift=None):
-    """Raise TypeError/ValueError with a one-line message when the arguments don't fit."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"group_norm_silu: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"group_norm_silu: x must be [N, C, *spatial], got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
-    N, C = x.shape[:2]
-    if C % num_groups != 0:
-        raise ValueError(f"group_norm_silu: channels ({C}) must be divisible by num_groups ({num_groups})")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"group_norm_silu: {name} must be a floating-point Tensor")
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"group_norm_silu: {name} must have shape ({C},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"group_norm_silu: {name} must be a floating-point Tensor or None")
-        shape = tuple(t.shape)
-        per_channel = (len(shape) >= 2 and shape[:2] == (N, C) and len(shape) <= x.dim()
-                       and all(d == 1 for d in shape[2:]))
-        if not per_channel:
-            raise ValueError(f"group_norm_silu: {name} must have shape ({N}, {C}) or ({N}, {C}, 1, ...), "
-                             f"got {shape}")
-        if t.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
-
-
-def scale_shift_2d(t, x):
-    """A per-(n, c) tensor given as [N, C] or [N, C, 1, ...] as an [N, C] view (or None)."""
-    if t is None:
-        return None
-    return t.reshape(x.shape[0], x.shape[1])
-
-
-def output_like(x):
-    """Output buffer for x: x's layout when its spatial dims flatten to one, else contiguous.
-
-    Shared by the fake impl and every real impl so their strides agree.
-    """
-    out = torch.empty_like(x)
-    n, c = x.shape[:2]
-    try:
-        out.view(n, c, -1)
-    except RuntimeError:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return out
-
-
-def _triton():
+def _launchers():
     """The Triton launchers' module, imported on first use (it imports triton)."""
-    return importlib.import_module("fastdiff.kernels.group_norm_silu")
+    from fastdiff.kernels import group_norm_silu as launchers
+
+    return launchers
 
 
 # --------------------------------------------------------------------------- torch fallback
@@ -164,7 +106,7 @@ def _torch_backward(dy, x, weight, bias, mean, rstd, num_groups, scale, shift, a
 
 def _interpreted(x):
     """CPU tensors run the Triton kernels under TRITON_INTERPRET=1 (how tests check them)."""
-    return _INTERPRET and x.device.type == "cpu"
+    return x.device.type == "cpu" and interpreting()
 
 
 def _fill_absent(grads, x):
@@ -185,7 +127,7 @@ def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, e
     This body is the non-CUDA implementation; CUDA is registered below.
     """
     if _interpreted(x):
-        return _triton().group_norm_silu_forward(x, weight, bias, num_groups, eps, scale, shift, act)
+        return _launchers().group_norm_silu_forward(x, weight, bias, num_groups, eps, scale, shift, act)
     return _torch_forward(x, weight, bias, num_groups, eps, scale, shift, act)
 
 
@@ -197,7 +139,7 @@ def _(x, weight, bias, num_groups, eps, scale, shift, act):
 
 @_group_norm_silu.register_kernel("cuda")
 def _(x, weight, bias, num_groups, eps, scale, shift, act):
-    return _triton().group_norm_silu_forward(x, weight, bias, num_groups, eps, scale, shift, act)
+    return _launchers().group_norm_silu_forward(x, weight, bias, num_groups, eps, scale, shift, act)
 
 
 @torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
@@ -209,7 +151,7 @@ def _group_norm_silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
 
     This body is the non-CUDA implementation; CUDA is registered below.
     """
-    backward = _triton().group_norm_silu_backward if _interpreted(x) else _torch_backward
+    backward = _launchers().group_norm_silu_backward if _interpreted(x) else _torch_backward
     return _fill_absent(backward(dy, x, weight, bias, mean, rstd, num_groups, scale, shift, act), x)
 
 
@@ -223,7 +165,7 @@ def _(dy, x, weight, bias, mean, rstd, num_groups, scale, shift, act):
 
 @_group_norm_silu_backward.register_kernel("cuda")
 def _(dy, x, weight, bias, mean, rstd, num_groups, scale, shift, act):
-    return _fill_absent(_triton().group_norm_silu_backward(
+    return _fill_absent(_launchers().group_norm_silu_backward(
         dy, x, weight, bias, mean, rstd, num_groups, scale, shift, act), x)
 
 
@@ -257,7 +199,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     eps added to the variance, output in x's dtype. CUDA runs the Triton kernels; CPU the
     fp32 torch fallback (or the Triton kernels under TRITON_INTERPRET=1).
     """
-    check_inputs(x, weight, bias, num_groups, scale, shift)
+    check_group_norm_inputs(x, weight, bias, num_groups, scale, shift)
     y, _, _ = torch.ops.fastdiff.group_norm_silu(
         x, weight, bias, num_groups, float(eps),
         scale_shift_2d(scale, x), scale_shift_2d(shift, x), bool(act))

@@ -16,6 +16,7 @@ written to a temporary name and renamed (atomic on POSIX).
 """
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ import warnings
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("fastdiff")
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -227,3 +230,281 @@ def check_state_dict_fits(model_state, reference_state, source):
     for key in model_state:
         if key not in reference_state:
             raise CheckpointError(f"{source} does not fit the model: unexpected key {key!r}")
+
+
+# ------------------------------------------------------------------ GD's optimizer file
+def gd_optimizer_state_dict(states, lr, weight_decay):
+    """An AdamW-format state dict (GD's opt*.pt) from full per-param {exp_avg, exp_avg_sq, step}."""
+    state = {}
+    for i, st in enumerate(states):
+        state[i] = {"step": torch.as_tensor(float(st["step"])), "exp_avg": st["exp_avg"],
+                    "exp_avg_sq": st["exp_avg_sq"]}
+    group = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay,
+             "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+             "differentiable": False, "fused": None, "params": list(range(len(states)))}
+    return {"state": state, "param_groups": [group]}
+
+
+def adam_states_from_gd(opt_state, params):
+    """[(exp_avg, exp_avg_sq, step) or None] from a GD opt*.pt, or None when it does not fit
+    ``params`` (GD's fp16 runs store state for flattened master tensors)."""
+    try:
+        state = opt_state["state"]
+        ids = opt_state["param_groups"][0]["params"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if len(ids) != len(params):
+        return None
+    out = []
+    for pid, p in zip(ids, params):
+        st = state.get(pid)
+        if st is None:
+            out.append(None)
+            continue
+        if tuple(st["exp_avg"].shape) != tuple(p.shape):
+            return None
+        out.append((st["exp_avg"], st["exp_avg_sq"], float(st["step"])))
+    return out
+
+
+# -------------------------------------------------------------- finding what to resume
+def find_resume_path(spec, log_dir, log_dir_given):
+    """The checkpoint ``--resume_checkpoint spec`` names, or None to start fresh.
+
+    ``latest``: the newest complete checkpoint of ``log_dir`` (None when there is none yet,
+    so a preempted job's first start and its restarts share one command line); it needs an
+    explicit run folder (``log_dir_given``). Anything else must exist.
+    """
+    if not spec:
+        return None
+    if spec == "latest":
+        if not log_dir_given:
+            raise CheckpointError("--resume_checkpoint latest needs --log_dir (the run folder "
+                                  "to resume)")
+        return find_latest(log_dir)
+    if not os.path.exists(spec):
+        raise CheckpointError(f"--resume_checkpoint: {spec} does not exist")
+    return spec
+
+
+def check_resume_compatible(path, config_now, shape_flags):
+    """Refuse to resume a DCP checkpoint whose run had other values of ``shape_flags``
+    (flags that change the parameters) than ``config_now``, naming them."""
+    if not os.path.isdir(path):
+        return
+    saved = read_trainer_meta(path).get("config", {})
+    diffs = [f"--{k} {saved[k]!r} → {config_now[k]!r}" for k in shape_flags
+             if k in saved and k in config_now and saved[k] != config_now[k]]
+    if diffs:
+        raise CheckpointError(f"cannot resume {path}: flags that change the model differ: "
+                              + ", ".join(diffs))
+
+
+# ------------------------------------------------------------------- the manager
+def _full(t):
+    """The whole tensor of a DTensor shard (collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def copy_full_into(target, full):
+    """Copy a full (unsharded) tensor into a parameter, EMA or state that may be a DTensor."""
+    if hasattr(target, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+        shard = distribute_tensor(full.to(target.device_mesh.device_type), target.device_mesh,
+                                  target.placements)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.detach().copy_(full)
+
+
+class Checkpointer:
+    """A run's checkpoints: the Trainer hands over its state once and calls ``save(step)`` /
+    ``load(path)``.
+
+    State handed over (live objects; loading writes into them in place):
+    ``model`` (its state_dict), ``optimizer`` (the train.optimizer path: ``get_ema(rate)``,
+    ``state_tensors()``), ``params``/``param_names`` (the order EMAs and Adam state follow),
+    ``sampler`` and ``data`` (their ``state_dict``/``load_state_dict`` when they have one),
+    ``trainer`` (a Stateful: ``state_dict()`` → {"step", "lg_loss_scale"}), ``lr_at(step)``
+    (the lr GD's opt file records) and ``run_meta`` (the effective config, for
+    :func:`check_resume_compatible`).
+
+    A save is a DCP checkpoint (sharded under FSDP2; every rank) + the GD exports, which are
+    gathered to rank 0 only, tensor by tensor, and written there; then ``--keep_latest``
+    pruning. A load takes a DCP folder (exact; onto any world size) or a GD ``model*.pt``
+    (fine-tuning: the ``ema_*``/``opt*`` files of the same step beside it when present).
+    """
+
+    def __init__(self, log_dir, *, dist_info, keep_latest, ema_rates, model, optimizer,
+                 params, param_names, sampler, data, trainer, lr_at, weight_decay,
+                 run_meta=None):
+        self.log_dir = log_dir
+        self.dist = dist_info
+        self.keep_latest = keep_latest
+        self.ema_rates = list(ema_rates)
+        self.model = model
+        self.optimizer = optimizer
+        self.params = params
+        self.param_names = param_names
+        self.sampler = sampler
+        self.data = data
+        self.trainer = trainer
+        self.lr_at = lr_at
+        self.weight_decay = weight_decay
+        self.run_meta = run_meta or {}
+
+    # ------------------------------------------------------------------ save
+    def save(self, step):
+        """Full training state (DCP) + GD-format exports; returns the checkpoint's path."""
+        path = save_training_state(self.log_dir, step, self._dcp_state(), self._rank_state(),
+                                   self._meta())
+        self._export_gd_files(step)
+        if self.dist.is_main:
+            prune_checkpoints(self.log_dir, self.keep_latest, [str(r) for r in self.ema_rates])
+        return path
+
+    def _dcp_state(self):
+        emas = {str(rate): dict(zip(self.param_names, self.optimizer.get_ema(rate)))
+                for rate in self.ema_rates}
+        return {
+            "model": self.model.state_dict(),
+            "ema": emas,
+            "adam": dict(zip(self.param_names, self.optimizer.state_tensors())),
+        }
+
+    def _rank_state(self):
+        state = {
+            "torch_rng": torch.get_rng_state(),
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+        }
+        if self.dist.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def _meta(self):
+        return {**self.trainer.state_dict(), "world_size": self.dist.world_size,
+                "ema_rates": [str(r) for r in self.ema_rates], **self.run_meta}
+
+    def _on_rank0(self, tensor):
+        """The full tensor on the CPU on rank 0, None elsewhere. ``full_tensor`` is a
+        collective, so every rank calls this; only rank 0 keeps (and copies) the result."""
+        full = _full(tensor).detach()
+        return full.cpu() if self.dist.is_main else None
+
+    def _export_gd_files(self, step):
+        model_sd = {k: self._on_rank0(v) for k, v in self.model.state_dict().items()}
+        ema_sds = {str(rate): {n: self._on_rank0(t)
+                               for n, t in zip(self.param_names, self.optimizer.get_ema(rate))}
+                   for rate in self.ema_rates}
+        states = [{k: (self._on_rank0(v) if torch.is_tensor(v) else v) for k, v in st.items()}
+                  for st in self.optimizer.state_tensors()]
+        if self.dist.is_main:
+            opt_sd = gd_optimizer_state_dict(states, self.lr_at(step), self.weight_decay)
+            export_gd_files(self.log_dir, step, model_sd, ema_sds, opt_sd)
+
+    # ------------------------------------------------------------------ load
+    def load(self, path):
+        """Resume from a complete DCP checkpoint folder (exact) or a GD model*.pt file."""
+        if os.path.isdir(path):
+            self._load_dcp(path)
+        else:
+            self._load_gd(path)
+
+    def _load_dcp(self, path):
+        meta = read_trainer_meta(path)
+        saved_rates = meta.get("ema_rates", [])
+        state = self._dcp_state()
+        missing = [r for r in state["ema"] if r not in saved_rates]
+        for r in missing:  # a new EMA rate starts from the resumed weights
+            del state["ema"][r]
+        load_training_state(path, state)
+        if missing:
+            for r in missing:
+                for e, p in zip(self.optimizer.get_ema(float(r)), self.params):
+                    _local(e).copy_(_local(p.detach()))
+            log.info("EMA rates %s not in the checkpoint: started from the model weights", missing)
+        self.trainer.load_state_dict(meta)
+        rank_state = load_rank_state(path, self.dist.rank)
+        same_world = int(meta.get("world_size", 1)) == self.dist.world_size
+        if rank_state is not None and same_world:
+            torch.set_rng_state(rank_state["torch_rng"])
+            if "cuda_rng" in rank_state and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], self.dist.device)
+            if rank_state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+                self.sampler.load_state_dict(rank_state["sampler"])
+            if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(rank_state["data"])
+        else:
+            # Another world size: weights, optimizer, EMAs, step and loss scale are exact;
+            # the per-rank streams (noise, timesteps, data order) restart from the seed.
+            rank0 = load_rank_state(path, 0)
+            if rank0 and rank0.get("sampler") is not None and hasattr(self.sampler,
+                                                                      "load_state_dict"):
+                # The loss history is the same on every rank; keep this rank's own RNG stream.
+                state = dict(rank0["sampler"], rng_state=self.sampler.state_dict()["rng_state"])
+                self.sampler.load_state_dict(state)
+            log.info("resumed onto %d ranks from a %s-rank checkpoint: per-rank random streams "
+                     "and data order restart from the seed", self.dist.world_size,
+                     meta.get("world_size"))
+        log.info("resumed from %s at step %d", path, int(meta["step"]))
+
+    def _load_gd(self, path):
+        """Start from a GD model*.pt (fine-tuning): EMA/opt files beside it when present."""
+        model_sd = load_state_dict_file(path)
+        reference = {k: _full(v) for k, v in self.model.state_dict().items()}
+        check_state_dict_fits(model_sd, reference, path)
+        self._load_full_into(self.params, model_sd)
+        named = parse_gd_step(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        for rate in self.ema_rates:
+            ema_path = os.path.join(folder, f"ema_{rate}_{named:06d}.pt")
+            source = model_sd
+            if os.path.isfile(ema_path):
+                source = load_state_dict_file(ema_path)
+                check_state_dict_fits(source, reference, ema_path)
+                log.info("loaded EMA %s from %s", rate, ema_path)
+            self._load_full_into(self.optimizer.get_ema(rate), source)
+        opt_path = os.path.join(folder, f"opt{named:06d}.pt")
+        adam_steps = self._load_gd_optimizer(opt_path) if os.path.isfile(opt_path) else None
+        step = named
+        if adam_steps == named + 1:
+            # GD names a file by the index of the step it saved after (its modelN.pt holds
+            # N + 1 steps; fastdiff's, N): AdamW's step count tells the two apart.
+            step = named + 1
+            log.info("%s was written by guided-diffusion (AdamW has taken %d steps): "
+                     "resuming after step %d", path, adam_steps, step)
+        self.trainer.load_state_dict({"step": step})
+        log.info("started from GD checkpoint %s at step %d", path, step)
+
+    def _load_gd_optimizer(self, opt_path):
+        """Load a GD opt*.pt into the live Adam state; returns AdamW's step count (None when
+        the file does not fit these parameters)."""
+        states = adam_states_from_gd(load_state_dict_file(opt_path), self.params)
+        if states is None:
+            log.warning("optimizer state %s does not fit this model's parameters (GD fp16 "
+                        "runs store flattened master tensors): starting the optimizer fresh",
+                        opt_path)
+            return None
+        steps = 0
+        for live, st in zip(self.optimizer.state_tensors(), states):
+            if st is None:
+                continue
+            exp_avg, exp_avg_sq, step = st
+            copy_full_into(live["exp_avg"], exp_avg)
+            copy_full_into(live["exp_avg_sq"], exp_avg_sq)
+            live["step"].fill_(step)
+            steps = max(steps, int(step))
+        log.info("loaded optimizer state from %s", opt_path)
+        return steps
+
+    def _load_full_into(self, targets, full_sd):
+        """Copy ``full_sd``'s tensors into ``targets`` (parallel to ``param_names``)."""
+        with torch.no_grad():
+            for name, target in zip(self.param_names, targets):
+                copy_full_into(target, full_sd[name])

@@ -4,6 +4,7 @@ Also runs as ``python -m fastdiff.train`` (one process). Without --data_dir it t
 small class-conditional model on the embedded digits dataset (the preset below; any flag
 given on the command line overrides it).
 """
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -16,6 +17,7 @@ import time
 import torch.distributed as dist
 
 from fastdiff import config as C
+from fastdiff.runtime import logger_restored, setup_distributed, setup_logging, teardown_distributed
 
 log = logging.getLogger("fastdiff")
 
@@ -35,16 +37,8 @@ DIGITS_PRESET = dict(
     log_interval=50, save_interval=400,
 )
 
-# Flags whose change alters the parameters' shapes or meaning: resuming with a different
-# value is refused.
-MODEL_SHAPE_FLAGS = ("image_size", "num_channels", "num_res_blocks", "num_heads",
-                     "num_heads_upsample", "num_head_channels", "attention_resolutions",
-                     "channel_mult", "class_cond", "use_scale_shift_norm", "resblock_updown",
-                     "use_new_attention_order", "learn_sigma")
-
-
-class UsageError(ValueError):
-    """A bad flag combination, reported as one line."""
+# A bad flag or flag combination, reported as one line (exit 2); config.py raises it too.
+UsageError = C.ConfigError
 
 
 def parse_config(argv):
@@ -57,41 +51,14 @@ def parse_config(argv):
             if k not in given:
                 setattr(args, k, v)
                 preset_applied[k] = v
-    model_cfg, diff_cfg, train_cfg = C.split_args(args)
-    if not train_cfg.precision:
-        train_cfg.precision = "fp16" if model_cfg.use_fp16 else "fp32"
-    if train_cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise UsageError(f"--precision must be fp32, bf16 or fp16, got {train_cfg.precision!r}")
-    if model_cfg.use_fp16 and train_cfg.precision != "fp16":
-        raise UsageError("--use_fp16 True contradicts --precision " + train_cfg.precision)
-    if train_cfg.class_from not in ("filename", "folder"):
-        raise UsageError(f"--class_from must be filename or folder, got {train_cfg.class_from!r}")
-    if train_cfg.batch_size < 1:
-        raise UsageError("--batch_size must be at least 1")
-    if not [r for r in train_cfg.ema_rate.split(",") if r.strip()]:
-        raise UsageError("--ema_rate needs at least one rate")
-    for r in train_cfg.ema_rate.split(","):
-        try:
-            ok = 0.0 < float(r) < 1.0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"--ema_rate: {r!r} is not a rate in (0, 1)")
-    _check_telemetry_flags(train_cfg, given)
+    model_cfg, diff_cfg, train_cfg = C.split_args(args)  # each dataclass checks its flags
+    C.resolve_precision(model_cfg, train_cfg)
+    if train_cfg.tensorboard and "tensorboard" in given:
+        from fastdiff.train.telemetry import tensorboard_available
+        if not tensorboard_available():  # the environment, not the flags: checked here
+            raise UsageError("--tensorboard True needs the tensorboard package (pip install "
+                             "tensorboard), or pass --tensorboard False")
     return model_cfg, diff_cfg, train_cfg, given, preset_applied
-
-
-def _check_telemetry_flags(train_cfg, given):
-    from fastdiff.train.telemetry import tensorboard_available
-    if train_cfg.log_format not in ("table", "line"):
-        raise UsageError(f"--log_format must be table or line, got {train_cfg.log_format!r}")
-    if train_cfg.sample_interval < 0:
-        raise UsageError(f"--sample_interval must be >= 0, got {train_cfg.sample_interval}")
-    if train_cfg.sample_steps < 1:
-        raise UsageError(f"--sample_steps must be >= 1, got {train_cfg.sample_steps}")
-    if train_cfg.tensorboard and "tensorboard" in given and not tensorboard_available():
-        raise UsageError("--tensorboard True needs the tensorboard package (pip install "
-                         "tensorboard), or pass --tensorboard False")
 
 
 def resolve_log_dir(train_cfg, dist_info):
@@ -120,53 +87,6 @@ def _remove_if_only_startup_files(log_dir):
             shutil.rmtree(log_dir)
     except OSError:
         pass
-
-
-def setup_logging(log_dir, is_main):
-    log.handlers.clear()
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
-    fmt = logging.Formatter("%(message)s")
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(fmt)
-    log.addHandler(out)
-    if is_main and log_dir:
-        fh = logging.FileHandler(os.path.join(log_dir, "log.txt"))
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(fh)
-
-
-def find_resume_path(train_cfg, log_dir, given):
-    """The checkpoint to resume from, or None. 'latest' needs an explicit --log_dir."""
-    from fastdiff.train import checkpoint as ckpt
-    spec = train_cfg.resume_checkpoint
-    if not spec:
-        return None
-    if spec == "latest":
-        if not (train_cfg.log_dir or os.environ.get("OPENAI_LOGDIR")):
-            raise UsageError("--resume_checkpoint latest needs --log_dir (the run folder to resume)")
-        path = ckpt.find_latest(log_dir)
-        if path is None:
-            log.info("--resume_checkpoint latest: no complete checkpoint in %s, starting fresh",
-                     log_dir)
-        return path
-    if not os.path.exists(spec):
-        raise ckpt.CheckpointError(f"--resume_checkpoint: {spec} does not exist")
-    return spec
-
-
-def check_resume_compatible(path, model_cfg, diff_cfg):
-    """Refuse to resume a DCP checkpoint with flags that change the model, naming them."""
-    from fastdiff.train import checkpoint as ckpt
-    if not os.path.isdir(path):
-        return
-    saved = ckpt.read_trainer_meta(path).get("config", {})
-    now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg)}
-    diffs = [f"--{k} {saved[k]!r} → {now[k]!r}" for k in MODEL_SHAPE_FLAGS
-             if k in saved and saved[k] != now[k]]
-    if diffs:
-        raise UsageError(f"cannot resume {path}: flags that change the model differ: "
-                         + ", ".join(diffs))
 
 
 def build_components(model_cfg, diff_cfg, train_cfg, dist_info):
@@ -233,14 +153,19 @@ def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, 
     log.info("precision: %s%s | compile: %s | optimizer: %s", train_cfg.precision,
              " (dynamic loss scaling)" if train_cfg.precision == "fp16" else "",
              "on" if train_cfg.compile else "off", optimizer_name)
+    if train_cfg.deterministic:
+        log.info("deterministic: one pinned config per shape for autotuned kernels, torch "
+                 "deterministic algorithms (warn only), cuDNN benchmark off")
     norm, attention = backends.get("norm", "?"), backends.get("attention", "?")
     if dist_info.device.type != "cuda":
         # The custom ops run their torch fallbacks off CUDA (Triton only under TRITON_INTERPRET=1).
-        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        from fastdiff.kernels.inputs import interpreting
+        interp = interpreting()
         if norm == "fused":
             norm += " op (Triton interpreter)" if interp else " op (CPU torch fallback)"
-        if attention == "triton":
-            attention += " op (Triton interpreter)" if interp else " op (CPU math fallback)"
+        if "triton" in attention.split(", "):
+            attention = attention.replace(
+                "triton", "triton op (Triton interpreter)" if interp else "triton op (CPU math fallback)")
     log.info("kernels: GroupNorm+SiLU %s, attention %s", norm, attention)
     log.info("parameters: %.2f M", nparams / 1e6)
     if hasattr(data, "dataset_summary"):
@@ -256,28 +181,71 @@ def main(argv=None):
     from fastdiff.train.checkpoint import CheckpointError
     from fastdiff.train.loop import TrainingError
 
-    saved = (list(log.handlers), log.level, log.propagate)
+    with logger_restored():
+        try:
+            return _main(argv)
+        except (UsageError, DataError, CheckpointError) as e:
+            print(f"fastdiff.train: error: {e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
+            print(f"fastdiff.train: error: {e}", file=sys.stderr)
+            return 1
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled):
+    """--deterministic: bitwise-reproducible kernels across processes, for the run.
+
+    Every autotuned Triton kernel launches one pinned config per shape
+    (fastdiff.kernels.set_deterministic: autotuners time their configs, and a config
+    picked by timing changes the summation order from one process to the next); torch
+    uses its deterministic algorithms where it has them (warn only: an op without one
+    warns instead of stopping the run), cuDNN does not benchmark, inductor does not time
+    configs that change numerics, and cuBLAS gets the fixed workspace its deterministic
+    mode needs (set before CUDA starts). The previous settings come back afterwards, since
+    main() may run in-process.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    import torch._inductor.config as inductor
+
+    from fastdiff import kernels
+    saved = (kernels.is_deterministic(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, getattr(inductor, "deterministic", None),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    kernels.set_deterministic(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if hasattr(inductor, "deterministic"):  # torch >= 2.9
+        inductor.deterministic = True
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
-        return _main(argv)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"fastdiff.train: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"fastdiff.train: error: {e}", file=sys.stderr)
-        return 1
-    finally:  # leave the "fastdiff" logger as found (main() may be called in-process)
-        for h in log.handlers:
-            if h not in saved[0]:
-                h.close()
-        log.handlers[:], log.level, log.propagate = saved
+        yield
+    finally:
+        kernels.set_deterministic(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[3], saved[4]
+        if saved[5] is not None:
+            inductor.deterministic = saved[5]
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _main(argv):
+    model_cfg, diff_cfg, train_cfg, given, preset_applied = parse_config(argv)
+    with deterministic_mode(train_cfg.deterministic):
+        return _start(model_cfg, diff_cfg, train_cfg, given, preset_applied)
+
+
+def _start(model_cfg, diff_cfg, train_cfg, given, preset_applied):
+    """Join the process group, open the run folder and its log, run; leave the group."""
     from fastdiff.data import DataError
     from fastdiff.train.checkpoint import CheckpointError
-    from fastdiff.train.parallel import setup_distributed, teardown_distributed
 
-    model_cfg, diff_cfg, train_cfg, given, preset_applied = parse_config(argv)
     try:
         dist_info = setup_distributed(train_cfg.device)
     except ValueError as e:
@@ -305,11 +273,19 @@ def _main(argv):
 def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_dir):
     """Build everything, resume if asked, train, write the sample grid."""
     from fastdiff.data import DataError
+    from fastdiff.train import checkpoint as ckpt
     from fastdiff.train.loop import Trainer, seed_everything
     from fastdiff.train.parallel import parallelize
-    resume_path = find_resume_path(train_cfg, log_dir, given)
+    resume_path = ckpt.find_resume_path(
+        train_cfg.resume_checkpoint, log_dir,
+        log_dir_given=bool(train_cfg.log_dir or os.environ.get("OPENAI_LOGDIR")))
+    if train_cfg.resume_checkpoint == "latest" and resume_path is None:
+        log.info("--resume_checkpoint latest: no complete checkpoint in %s, starting fresh",
+                 log_dir)
     if resume_path:
-        check_resume_compatible(resume_path, model_cfg, diff_cfg)
+        ckpt.check_resume_compatible(
+            resume_path, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg)},
+            C.MODEL_SHAPE_FLAGS)
     seed_everything(train_cfg.seed, dist_info.rank)
     try:
         model, diffusion, sampler, data = build_components(model_cfg, diff_cfg, train_cfg,

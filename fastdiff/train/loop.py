@@ -12,10 +12,8 @@ behaviour, which the lr was tuned with), dynamic fp16 loss scaling (lg_loss_scal
 +fp16_scale_growth per good step, −1 and the step and the EMA skipped on overflow), the
 lr annealing schedule, EMA after every taken step, GD's logged keys.
 """
-import contextlib
 import logging
 import math
-import os
 import signal
 import time
 
@@ -24,9 +22,8 @@ import torch
 
 from fastdiff.train import checkpoint as ckpt
 from fastdiff.train.metrics import MetricLogger, log_loss_dict
-from fastdiff.train.optimizer import (adam_states_from_gd, build_optimizer,
-                                      gd_optimizer_state_dict)
-from fastdiff.train.parallel import all_reduce_sum_, any_rank
+from fastdiff.train.optimizer import build_optimizer
+from fastdiff.runtime import all_reduce_sum_, any_rank, autocast
 from fastdiff.train.telemetry import Telemetry
 
 log = logging.getLogger("fastdiff")
@@ -82,6 +79,11 @@ class Trainer:
         self.telemetry = telemetry or Telemetry(self.device, dist_info.world_size,
                                                 is_main=dist_info.is_main)
         self.preview = preview
+        self.checkpointer = ckpt.Checkpointer(
+            log_dir, dist_info=dist_info, keep_latest=cfg.keep_latest, ema_rates=self.ema_rates,
+            model=model, optimizer=self.optimizer, params=self.params,
+            param_names=self.param_names, sampler=schedule_sampler, data=data, trainer=self,
+            lr_at=self._lr_for_step, weight_decay=cfg.weight_decay, run_meta=self.run_meta)
         self._stop_signal = None
         self.last_loss = None  # the last step's loss (mean over microbatches), a host float
         self._last_lr = None
@@ -153,10 +155,7 @@ class Trainer:
         return self.optimizer_step()
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device.type)
 
     def forward_backward(self, batch, cond):
         """Losses and gradients over the microbatches of one batch; returns the summed loss."""
@@ -273,150 +272,24 @@ class Trainer:
             signal.signal(sig, h)
 
     # -------------------------------------------------------- checkpoints
-    def _dcp_state(self):
-        emas = {str(rate): dict(zip(self.param_names, self.optimizer.get_ema(rate)))
-                for rate in self.ema_rates}
-        return {
-            "model": self.model.state_dict(),
-            "ema": emas,
-            "adam": dict(zip(self.param_names, self.optimizer.state_tensors())),
-        }
+    def state_dict(self):
+        """The trainer's own scalars, for the checkpoint (the Stateful the Checkpointer saves)."""
+        return {"step": self.step, "lg_loss_scale": self.lg_loss_scale}
 
-    def _rank_state(self):
-        state = {
-            "torch_rng": torch.get_rng_state(),
-            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _trainer_meta(self):
-        return {"step": self.step, "lg_loss_scale": self.lg_loss_scale,
-                "world_size": self.dist.world_size, "ema_rates": [str(r) for r in self.ema_rates],
-                **self.run_meta}
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.lg_loss_scale = float(state.get("lg_loss_scale", self.lg_loss_scale))
 
     def save(self):
-        """Full training state (DCP, sharded) + GD-format exports from rank 0."""
+        """Checkpoint the run at the current step (collective: every rank calls it)."""
         t0 = time.perf_counter()
-        path = ckpt.save_training_state(self.log_dir, self.step, self._dcp_state(),
-                                        self._rank_state(), self._trainer_meta())
-        self._export_gd_files()
-        if self.dist.is_main:
-            ckpt.prune_checkpoints(self.log_dir, self.cfg.keep_latest,
-                                   [str(r) for r in self.ema_rates])
+        path = self.checkpointer.save(self.step)
         log.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
         return path
 
-    def _export_gd_files(self):
-        # full_tensor() is collective under FSDP2: every rank runs it, rank 0 writes.
-        model_sd = {k: _full(v).detach().cpu() for k, v in self.model.state_dict().items()}
-        ema_sds = {str(rate): {n: _full(t).detach().cpu()
-                               for n, t in zip(self.param_names, self.optimizer.get_ema(rate))}
-                   for rate in self.ema_rates}
-        states = [{k: (_full(v).detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-                  for st in self.optimizer.state_tensors()]
-        if self.dist.is_main:
-            opt_sd = gd_optimizer_state_dict(states, self._lr_for_step(self.step),
-                                             self.cfg.weight_decay)
-            ckpt.export_gd_files(self.log_dir, self.step, model_sd, ema_sds, opt_sd)
-
     def resume(self, path):
         """Resume from a complete DCP checkpoint folder (exact) or a GD model*.pt file."""
-        if os.path.isdir(path):
-            self._resume_dcp(path)
-        else:
-            self._resume_gd(path)
-
-    def _resume_dcp(self, path):
-        meta = ckpt.read_trainer_meta(path)
-        saved_rates = meta.get("ema_rates", [])
-        state = self._dcp_state()
-        missing = [r for r in state["ema"] if r not in saved_rates]
-        for r in missing:  # a new EMA rate starts from the resumed weights
-            del state["ema"][r]
-        ckpt.load_training_state(path, state)
-        if missing:
-            for r in missing:
-                for e, p in zip(self.optimizer.get_ema(float(r)), self.params):
-                    _local(e).copy_(_local(p.detach()))
-            log.info("EMA rates %s not in the checkpoint: started from the model weights", missing)
-        self.step = int(meta["step"])
-        self.lg_loss_scale = float(meta.get("lg_loss_scale", self.lg_loss_scale))
-        rank_state = ckpt.load_rank_state(path, self.dist.rank)
-        same_world = int(meta.get("world_size", 1)) == self.dist.world_size
-        if rank_state is not None and same_world:
-            torch.set_rng_state(rank_state["torch_rng"])
-            if "cuda_rng" in rank_state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rank_state["cuda_rng"], self.device)
-            if rank_state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
-                self.sampler.load_state_dict(rank_state["sampler"])
-            if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
-                self.data.load_state_dict(rank_state["data"])
-        else:
-            # Another world size: weights, optimizer, EMAs, step and loss scale are exact;
-            # the per-rank streams (noise, timesteps, data order) restart from the seed.
-            rank0 = ckpt.load_rank_state(path, 0)
-            if rank0 and rank0.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
-                # The loss history is the same on every rank; keep this rank's own RNG stream.
-                state = dict(rank0["sampler"], rng_state=self.sampler.state_dict()["rng_state"])
-                self.sampler.load_state_dict(state)
-            log.info("resumed onto %d ranks from a %s-rank checkpoint: per-rank random streams "
-                     "and data order restart from the seed", self.dist.world_size,
-                     meta.get("world_size"))
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _resume_gd(self, path):
-        """Start from a GD model*.pt (fine-tuning): EMA/opt files beside it when present."""
-        model_sd = ckpt.load_state_dict_file(path)
-        reference = {k: _full(v) for k, v in self.model.state_dict().items()}
-        ckpt.check_state_dict_fits(model_sd, reference, path)
-        self._load_full_into(dict(zip(self.param_names, self.params)), model_sd)
-        self.step = ckpt.parse_gd_step(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        for rate in self.ema_rates:
-            ema_path = os.path.join(folder, f"ema_{rate}_{self.step:06d}.pt")
-            source = model_sd
-            if os.path.isfile(ema_path):
-                source = ckpt.load_state_dict_file(ema_path)
-                ckpt.check_state_dict_fits(source, reference, ema_path)
-                log.info("loaded EMA %s from %s", rate, ema_path)
-            self._load_full_into(dict(zip(self.param_names, self.optimizer.get_ema(rate))), source)
-        opt_path = os.path.join(folder, f"opt{self.step:06d}.pt")
-        if os.path.isfile(opt_path):
-            states = adam_states_from_gd(ckpt.load_state_dict_file(opt_path), self.params)
-            if states is None:
-                log.warning("optimizer state %s does not fit this model's parameters (GD fp16 "
-                            "runs store flattened master tensors): starting the optimizer fresh",
-                            opt_path)
-            else:
-                for live, st in zip(self.optimizer.state_tensors(), states):
-                    if st is None:
-                        continue
-                    exp_avg, exp_avg_sq, step = st
-                    self._copy_full_into(live["exp_avg"], exp_avg)
-                    self._copy_full_into(live["exp_avg_sq"], exp_avg_sq)
-                    live["step"].fill_(step)
-                log.info("loaded optimizer state from %s", opt_path)
-        log.info("started from GD checkpoint %s at step %d", path, self.step)
-
-    def _load_full_into(self, named_targets, full_sd):
-        with torch.no_grad():
-            for name, target in named_targets.items():
-                self._copy_full_into(target, full_sd[name])
-
-    @staticmethod
-    @torch.no_grad()
-    def _copy_full_into(target, full):
-        """Copy a full (unsharded) tensor into a parameter, EMA or state that may be a DTensor."""
-        if hasattr(target, "to_local"):
-            from torch.distributed.tensor import distribute_tensor
-            shard = distribute_tensor(full.to(target.device_mesh.device_type), target.device_mesh,
-                                      target.placements)
-            target.to_local().copy_(shard.to_local())
-        else:
-            target.detach().copy_(full)
+        self.checkpointer.load(path)
 
 
 def seed_everything(seed, rank):

@@ -120,37 +120,3 @@ def build_optimizer(kind, params, lr, weight_decay, ema_rates):
     if kind == "fused":
         return FusedAdamEMAPath(params, lr, weight_decay, ema_rates)
     raise ValueError(f"--optimizer must be fused or torch, got {kind!r}")
-
-
-def gd_optimizer_state_dict(states, lr, weight_decay):
-    """An AdamW-format state dict (GD's opt*.pt) from full per-param {exp_avg, exp_avg_sq, step}."""
-    state = {}
-    for i, st in enumerate(states):
-        state[i] = {"step": torch.as_tensor(float(st["step"])), "exp_avg": st["exp_avg"],
-                    "exp_avg_sq": st["exp_avg_sq"]}
-    group = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay,
-             "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-             "differentiable": False, "fused": None, "params": list(range(len(states)))}
-    return {"state": state, "param_groups": [group]}
-
-
-def adam_states_from_gd(opt_state, params):
-    """[(exp_avg, exp_avg_sq, step) or None] from a GD opt*.pt, or None when it does not fit
-    ``params`` (GD's fp16 runs store state for flattened master tensors)."""
-    try:
-        state = opt_state["state"]
-        ids = opt_state["param_groups"][0]["params"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if len(ids) != len(params):
-        return None
-    out = []
-    for pid, p in zip(ids, params):
-        st = state.get(pid)
-        if st is None:
-            out.append(None)
-            continue
-        if tuple(st["exp_avg"].shape) != tuple(p.shape):
-            return None
-        out.append((st["exp_avg"], st["exp_avg_sq"], float(st["step"])))
-    return out

@@ -1,4 +1,4 @@
-"""Process group setup and model parallelisation: compile, then FSDP2 per block and at the root.
+"""Model parallelisation: compile, then FSDP2 per block and at the root.
 
 One process: torch.compile the whole model in place (``Module.compile`` keeps state_dict
 keys). Several: torchtitan's order — compile each ResBlock/AttentionBlock, then
@@ -7,64 +7,16 @@ parameters in the low precision of ``--precision`` (MixedPrecisionPolicy, fp32 g
 reduction); the root keeps fp32 so that the timesteps reaching the sinusoidal embedding are
 never rounded to bf16 (t = 999 would become 1000).
 """
-import dataclasses
-import datetime
 import logging
-import os
 
 import torch
-import torch.distributed as dist
+
+# Process-group setup lives in fastdiff.runtime (shared by every entry point); these names
+# stay importable from here for existing callers.
+from fastdiff.runtime import (DistInfo, all_reduce_sum_, any_rank,  # noqa: F401
+                              low_precision_dtype, setup_distributed, teardown_distributed)
 
 log = logging.getLogger("fastdiff")
-
-
-@dataclasses.dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-
-def setup_distributed(device_pref=""):
-    """Initialise torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPU).
-
-    A plain ``python -m fastdiff.train`` runs as a single process with no process group.
-    """
-    use_cuda = torch.cuda.is_available() if not device_pref else device_pref == "cuda"
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-
-
-def teardown_distributed():
-    """Leave the process group together: a rank that destroys it while another is still
-    finishing its last collective can abort the job at exit (seen with gloo)."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 def _blocks(model):
@@ -99,7 +51,7 @@ def parallelize(model, dist_info, precision="fp32", compile=False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    low = low_precision_dtype(precision)
     block_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
@@ -108,18 +60,3 @@ def parallelize(model, dist_info, precision="fp32", compile=False):
                     f"{dist_info.world_size} ranks ({dist_info.device.type}, "
                     f"block params {precision}, fp32 reduce)")
     return ", ".join(parts)
-
-
-def all_reduce_sum_(tensor):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def any_rank(flag, device):
-    """True on every rank when ``flag`` is True on any rank (collective)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from fastdiff.sample import respaced_diffusion, write_label_grid
+from fastdiff.sampling import respaced_diffusion, write_label_grid
 
 
 class PreviewWriter:
@@ -21,10 +21,6 @@ class PreviewWriter:
     def __init__(self, model_cfg, diff_cfg, *, interval, log_dir, device, precision, seed,
                  steps=25, use_ddim=True, n=20, is_main=True, norm_backend="torch",
                  attention_backend="math"):
-        if interval < 0:
-            raise ValueError(f"--sample_interval must be >= 0, got {interval}")
-        if steps < 1:
-            raise ValueError(f"--sample_steps must be >= 1, got {steps}")
         self.model_cfg = model_cfg
         self.diff_cfg = diff_cfg
         self.interval = interval

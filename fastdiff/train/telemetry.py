@@ -153,14 +153,16 @@ class IntervalMeter:
     """Wall time, steps, images and time spent waiting for data over one log interval.
 
     Time inside :meth:`paused` (checkpoints, preview grids) is left out, so images/s and
-    the step time describe training alone.
+    the step time describe training alone. ``clock`` returns seconds (``time.perf_counter``;
+    tests pass a fake clock that advances exactly, instead of sleeping).
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.reset()
 
     def reset(self):
-        self.start = time.perf_counter()
+        self.start = self.clock()
         self.paused_s = 0.0
         self.data_wait_s = 0.0
         self.steps = 0
@@ -168,9 +170,9 @@ class IntervalMeter:
 
     def next_batch(self, data):
         """``next(data)``, timed as data wait."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         batch = next(data)
-        self.data_wait_s += time.perf_counter() - t0
+        self.data_wait_s += self.clock() - t0
         return batch
 
     def step_done(self, images):
@@ -180,15 +182,15 @@ class IntervalMeter:
 
     @contextlib.contextmanager
     def paused(self):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t0
+            self.paused_s += self.clock() - t0
 
     def busy_seconds(self):
         """Seconds since the interval began, paused time left out."""
-        return time.perf_counter() - self.start - self.paused_s
+        return self.clock() - self.start - self.paused_s
 
     def images_per_sec(self):
         busy = self.busy_seconds()
@@ -335,10 +337,11 @@ class TensorBoardLogger:
 class Telemetry:
     """The trainer's instruments: interval meter, FLOPs/peak for MFU, memory, progress bar,
     TensorBoard and the one-line summary. Built by the CLI; the defaults (no FLOPs count,
-    no bar, no TensorBoard) are what a Trainer made in code gets."""
+    no bar, no TensorBoard) are what a Trainer made in code gets. ``clock``: the interval
+    meter's clock (seconds)."""
 
     def __init__(self, device, world_size=1, *, flops_per_image=None, peak_flops=None,
-                 tensorboard=None, progress=False, is_main=True):
+                 tensorboard=None, progress=False, is_main=True, clock=time.perf_counter):
         self.device = torch.device(device)
         self.world_size = world_size
         self.flops_per_image = flops_per_image
@@ -346,7 +349,7 @@ class Telemetry:
         self.tensorboard = tensorboard
         self.progress = progress
         self.is_main = is_main
-        self.meter = IntervalMeter()
+        self.meter = IntervalMeter(clock)
         self.bar = ProgressBar(None, enabled=False)
 
     def start(self, step, total_steps):

@@ -7,16 +7,19 @@ own error is already that large (ill-conditioned inputs). Errors are measured re
 to max(|reference|, 1). Shapes are tiny and odd (the interpreter runs
 each program in Python) and the interpreter config uses 32×16 blocks, so 17/77/130
 exercise several blocks plus a masked tail and D = 40 / 80 the masked head dim.
+
+Everything goes through the custom ops (fastdiff.ops.attention / qkv_attention), the one
+differentiable path; the tests check that the ops ran the Triton launchers (on CPU they
+run them only under the interpreter).
 """
 import math
 
 import pytest
 import torch
 
-from fastdiff.kernels.attention import (attention, attention_forward, qkv_attention,
-                                        INTERPRETER_CONFIG)
-from fastdiff.ops.attention import attention as attention_op
-from fastdiff.ops.attention import qkv_attention as qkv_attention_op
+from fastdiff.kernels.attention import (INTERPRETER_CONFIG, attention_backward, attention_forward,
+                                        qkv_attention_backward, qkv_attention_forward)
+from fastdiff.ops.attention import attention, qkv_attention
 
 FLOOR = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CEILING = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
@@ -76,7 +79,7 @@ CASES = [  # (dtype, batch, heads, seq_q, seq_k, head_dim)
 
 
 @pytest.mark.parametrize("dtype,batch,heads,seq_q,seq_k,head_dim", CASES)
-def test_attention_matches_float64(dtype, batch, heads, seq_q, seq_k, head_dim):
+def test_attention_matches_float64(dtype, batch, heads, seq_q, seq_k, head_dim, launches):
     q = _randn(batch, heads, seq_q, head_dim, dtype=dtype)
     k = _randn(batch, heads, seq_k, head_dim, dtype=dtype)
     v = _randn(batch, heads, seq_k, head_dim, dtype=dtype)
@@ -84,6 +87,7 @@ def test_attention_matches_float64(dtype, batch, heads, seq_q, seq_k, head_dim):
     _check_against_reference(lambda a, b, c: attention(a, b, c),
                              [q, k, v], lambda a, b, c: _math_attention(a, b, c, scale),
                              dtype, ["out", "dq", "dk", "dv"])
+    assert launches == {"attention_forward": 1, "attention_backward": 1}
 
 
 def test_interpreter_blocks_are_what_the_cases_assume():
@@ -140,11 +144,12 @@ def _gd_attention_float64(qkv, num_heads, legacy_order):
     (torch.bfloat16, 2, 40, 45),
     (torch.float16, 1, 64, 33),
 ])
-def test_qkv_layout_matches_guided_diffusion(legacy_order, dtype, heads, head_dim, length):
+def test_qkv_layout_matches_guided_diffusion(legacy_order, dtype, heads, head_dim, length, launches):
     qkv = _randn(2, 3 * heads * head_dim, length, dtype=dtype)
     _check_against_reference(lambda x: qkv_attention(x, heads, legacy_order), [qkv],
                              lambda x: _gd_attention_float64(x, heads, legacy_order),
                              dtype, ["out", "dqkv"])
+    assert launches["qkv_attention_forward"] == 1 and launches["qkv_attention_backward"] == 1
 
 
 def test_qkv_reads_strided_input_and_writes_gd_layout():
@@ -157,13 +162,24 @@ def test_qkv_reads_strided_input_and_writes_gd_layout():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_ops_dispatch_to_the_kernels_under_interpreter():
+def test_ops_return_the_launchers_results_unchanged():
+    # The ops' forward and backward are the launchers' outputs, bit for bit (not a
+    # fallback that agrees within tolerance).
     q, k, v = (_randn(1, 2, 19, 32, dtype=torch.bfloat16) for _ in range(3))
-    torch.testing.assert_close(attention_op(q, k, v), attention(q, k, v), rtol=0, atol=0)
+    grad_out = _randn(1, 2, 19, 32, dtype=torch.bfloat16)
+    got = _forward_backward(attention, [q, k, v], grad_out)
+    out, lse = attention_forward(q, k, v)
+    assert torch.equal(got[0], out)
+    for g, ref in zip(got[1:], attention_backward(grad_out, q, k, v, out, lse)):
+        assert torch.equal(g, ref)
+
     qkv = _randn(1, 3 * 2 * 32, 19, dtype=torch.bfloat16)
+    grad_out = _randn(1, 2 * 32, 19, dtype=torch.bfloat16)
     for legacy in (True, False):
-        torch.testing.assert_close(qkv_attention_op(qkv, 2, legacy),
-                                   qkv_attention(qkv, 2, legacy), rtol=0, atol=0)
+        out_got, grad_got = _forward_backward(lambda x: qkv_attention(x, 2, legacy), [qkv], grad_out)
+        out, lse = qkv_attention_forward(qkv, 2, legacy)
+        assert torch.equal(out_got, out)
+        assert torch.equal(grad_got, qkv_attention_backward(grad_out, qkv, out, lse, 2, legacy))
 
 
 def test_head_dim_over_128_is_rejected():

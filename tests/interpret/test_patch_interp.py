@@ -7,7 +7,6 @@ gradients must match the unpatched block in fp32 within 1e-5 relative, and every
 launcher the patched modules should reach must have run. Shapes are tiny and odd
 (each interpreted launch runs its programs in Python).
 """
-import importlib
 import os
 
 import pytest
@@ -24,23 +23,6 @@ diffusers_blocks = pytest.importorskip("diffusers.models.unets.unet_2d_blocks")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 RTOL = 1e-5
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts calls of the Triton launchers by name."""
-    counts = {}
-    for module_name, names in (
-            ("fastdiff.kernels.group_norm_silu", ("group_norm_silu_forward", "group_norm_silu_backward")),
-            ("fastdiff.kernels.attention", ("attention_forward", "attention_backward",
-                                            "qkv_attention_forward", "qkv_attention_backward"))):
-        module = importlib.import_module(module_name)
-        for name in names:
-            def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
-                counts[_name] = counts.get(_name, 0) + 1
-                return _fn(*args, **kwargs)
-            monkeypatch.setattr(module, name, counted)
-    return counts
 
 
 def run(model, *inputs):
