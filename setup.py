@@ -92,9 +92,9 @@ def _extension_build():
         fastdiff/optim/_ext.py builds it just in time (or runs the foreach path, and
         logs so) on first use."""
 
-        def build_extension(self, extension):
+        def run(self):
             try:
-                super().build_extension(extension)
+                super().run()
             except Exception as e:  # noqa: BLE001 - any compiler failure, same outcome
                 print(f"fastdiff: WARNING: building the C++/CUDA extension failed "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -118,7 +118,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",
-        "numpy>=2,<2.3",
+        "numpy>=2",
         "pillow",
         "scikit-learn",
         "tqdm",
@@ -131,7 +131,9 @@ setup(
         # Real FID (python -m fastdiff.evaluate --inception_weights): torch-fidelity's
         # Inception-v3 (it pulls torchvision; pick the build that matches your torch).
         "fid": ["torch-fidelity"],
-        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6"],
+        # numpy < 2.3: Triton 3.6's interpreter (the CPU tests of the kernels) needs it.
+        "test": ["pytest", "pytest-benchmark", "ninja", "pybind11", "diffusers", "triton>=3.6",
+                 "numpy>=2,<2.3"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -131,12 +131,12 @@ class TrainConfig:
     class_from: str = _f("filename", "class label from the 'filename' prefix (GD) or the parent 'folder'")
     num_workers: int = _f(-1, "data loader worker processes; -1 = automatic")
     norm_backend: str = _f("auto", "GroupNorm+SiLU: fused (Triton op), torch (GD modules) or auto (fused on CUDA)")
-    attention_backend: str = _f("auto", "attention: triton, sdpa, xformers, math (GD einsum) or auto")
+    attention_backend: str = _f("auto", "attention: triton, sdpa, xformers, math (GD einsum) or auto (triton on CUDA in bf16/fp16, else sdpa)")
     optimizer: str = _f("fused", "fused (C++/CUDA AdamW+EMA in one pass) or torch (AdamW + EMA loop)")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value; 0 = off (GD)")
     compile: bool = _f(False, "torch.compile the UNet (default on when CUDA is available)")
     keep_latest: int = _f(0, "keep only the newest N checkpoints; 0 = keep all")
-    skip_nonfinite: bool = _f(False, "skip a step whose loss is not finite instead of stopping")
+    skip_nonfinite: bool = _f(False, "skip a step whose loss or gradients are not finite instead of stopping the run")
     sample_grid: bool = _f(True, "write a sample grid PNG at the end of training")
     sample_interval: int = _f(0, "every N steps, a grid of EMA samples in <log_dir>/samples/ (fixed noise and labels); 0 = off")
     sample_steps: int = _f(25, "DDIM steps of the --sample_interval grids")
@@ -236,12 +236,14 @@ def explicit_flags(argv):
     return names
 
 
-def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=None):
+def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=None,
+                     precision="bf16"):
     """'auto' → the fast path on CUDA (fused norm, Triton attention), GD's modules on CPU.
 
     On CPU the fused op runs its torch fallback, so 'auto' keeps GD's own module tree there,
     except for attention, where SDPA computes the same function without materialising
-    GD's per-head fp32 copies.
+    GD's per-head fp32 copies. The Triton attention kernel runs bf16/fp16 (every fp32 tile
+    config spills on sm_90), so an fp32 run on CUDA gets SDPA for 'auto' too.
     """
     import torch
     if device_type is None:
@@ -250,7 +252,7 @@ def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=
     if norm_backend == "auto":
         norm_backend = "fused" if on_cuda else "torch"
     if attention_backend == "auto":
-        attention_backend = "triton" if on_cuda else "sdpa"
+        attention_backend = "triton" if on_cuda and precision in ("bf16", "fp16") else "sdpa"
     _one_of("norm_backend", norm_backend, tuple(NORM_BACKENDS))
     _one_of("attention_backend", attention_backend, tuple(ATTENTION_BACKENDS))
     return norm_backend, attention_backend

@@ -72,7 +72,7 @@ def _main(argv):
             os.makedirs(out_dir, exist_ok=True)
         setup_logging(None, dist_info.is_main)
         model, diffusion = load_model(scfg.model_path, model_cfg, diff_cfg, scfg.norm_backend,
-                                      scfg.attention_backend, dist_info.device)
+                                      scfg.attention_backend, dist_info.device, scfg.precision)
         num_classes = scfg.num_classes or run_cfg.get("num_classes") or \
             (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
         torch.manual_seed(scfg.seed + dist_info.rank)

@@ -140,11 +140,12 @@ def fill_model_flags_from_run(args, given, model_path):
     return run_cfg
 
 
-def load_model(model_path, model_cfg, diff_cfg, norm_backend, attention_backend, device):
+def load_model(model_path, model_cfg, diff_cfg, norm_backend, attention_backend, device,
+               precision="fp32"):
     """(model in eval mode on ``device``, diffusion) with the weights of a GD-format file;
     a missing file or one that does not fit the flags fails with CheckpointError."""
     state = load_state_dict_file(model_path)  # a missing file fails before the model is built
-    norm_b, attn_b = C.resolve_backends(norm_backend, attention_backend, device.type)
+    norm_b, attn_b = C.resolve_backends(norm_backend, attention_backend, device.type, precision)
     model, diffusion = C.create_model_and_diffusion(
         **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
         norm_backend=norm_b, attention_backend=attn_b)

@@ -20,7 +20,10 @@ of two ≥ 16 in registers and masked, so 32/64/128 run unmasked and e.g. 40 or 
 masked. Any sequence length: only the last (partial) block of a loop is masked.
 
 Dots take bf16/fp16 operands on the GPU (tensor cores) and fp32 operands run in
-IEEE fp32 unless TF32 is allowed. Under TRITON_INTERPRET=1, bf16/fp16 dots are
+IEEE fp32 unless TF32 is allowed. IEEE fp32 dots run on FMA units and every tile of
+them spills registers on sm_90 (benchmarks/compile_report.py), so the custom ops send
+fp32 inputs on CUDA to torch instead (fastdiff.ops.attention); the launchers still
+accept fp32, and the interpreter runs it. Under TRITON_INTERPRET=1, bf16/fp16 dots are
 computed in fp32 after rounding the operands to the input dtype, because the
 interpreter's low-precision dot is wrong.
 
@@ -62,19 +65,24 @@ def _cfg(block_m, block_n, warps, stages):
 KERNEL_CONFIGS = {
     # One program per BLOCK_M queries, BLOCK_N keys per loop step.
     "forward": [
-        _cfg(128, 64, 4, 3),
-        _cfg(128, 128, 8, 3),
+        _cfg(128, 64, 4, 3),  # head dims <= 64 only (REGISTER_LIMITED)
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 128, 8, 2),  # 2 stages: 3 took 224 of the 227 KB at head dim 128
         _cfg(128, 64, 8, 4),
         _cfg(64, 64, 4, 3),
         _cfg(64, 32, 4, 2),
     ],
-    # dK/dV: one program per BLOCK_N keys, BLOCK_M queries per loop step.
+    # dK/dV: one program per BLOCK_N keys, BLOCK_M queries per loop step. Its dK and dV
+    # accumulators ([BLOCK_N, BLOCK_D] fp32 each) stay in registers: at head dim 128
+    # only 8 warps, or 64 keys or fewer per program with 4 warps, fit without spilling.
     "backward_dkdv": [
         _cfg(32, 128, 8, 3),
-        _cfg(64, 128, 8, 2),
+        _cfg(64, 128, 8, 2),  # head dims <= 64 only
         _cfg(32, 64, 4, 3),
-        _cfg(64, 64, 4, 2),
-        _cfg(32, 32, 4, 2),  # fits 99 KB parts (sm_86/89) with fp32 and head dim 128
+        _cfg(64, 64, 8, 2),
+        _cfg(64, 64, 4, 2),  # head dims <= 64 only
+        _cfg(32, 32, 4, 2),  # head dims <= 64 only
+        _cfg(16, 64, 4, 2),  # fits 99 KB parts (sm_86/89) with fp32 and head dim 128
     ],
     # dQ: one program per BLOCK_M queries, BLOCK_N keys per loop step.
     "backward_dq": [
@@ -82,9 +90,30 @@ KERNEL_CONFIGS = {
         _cfg(128, 64, 8, 2),
         _cfg(64, 32, 4, 3),
         _cfg(64, 64, 4, 2),
-        _cfg(32, 32, 4, 2),
+        _cfg(32, 32, 4, 2),  # fits 99 KB parts (sm_86/89) with fp32 and head dim 128
     ],
 }
+
+
+def _config_key(cfg):
+    return cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+
+
+# Configs that spill registers on sm_90 (bf16/fp16, benchmarks/compile_report.py) above
+# this head-dim block, so they are kept only up to it: a spilling config is slow before it
+# is timed, and each one costs the autotuner a compile on the GPU.
+REGISTER_LIMITED = {
+    "forward": {(128, 64, 4, 3): 64},  # 255 registers + 512 B of spills at head dim 128
+    "backward_dkdv": {(64, 128, 8, 2): 64, (64, 64, 4, 2): 64, (32, 32, 4, 2): 64},
+    "backward_dq": {},
+}
+
+
+def max_block_d(kind, cfg):
+    """The largest head-dim block ``cfg`` of ``kind`` compiles for without spilling."""
+    return REGISTER_LIMITED[kind].get(_config_key(cfg), MAX_HEAD_DIM)
+
+
 INTERPRETER_CONFIG = _cfg(32, 16, 4, 1)
 DELTA_BLOCK_M = 64
 SM90_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block, H100/H200
@@ -112,8 +141,11 @@ def shared_memory_estimate(kind, cfg, block_d, element_size):
 
 
 def _fits(kind, cfg, block_d, element_size, input_precision, shared_limit):
-    """Whether ``cfg`` fits the shared memory and, for IEEE fp32 dots, the tile cap."""
+    """Whether ``cfg`` fits the shared memory, its register limit (REGISTER_LIMITED) and,
+    for IEEE fp32 dots, the tile cap."""
     if shared_memory_estimate(kind, cfg, block_d, element_size) > shared_limit:
+        return False
+    if block_d > max_block_d(kind, cfg):
         return False
     return not (element_size == 4 and input_precision == "ieee"
                 and cfg["BLOCK_M"] * cfg["BLOCK_N"] > _FP32_IEEE_MAX_TILE)
@@ -134,16 +166,16 @@ def _covering_block(seq_len, blocks):
 def prune_configs(kind, configs, seq_q, seq_k, block_d, element_size, input_precision, shared_limit):
     """The configs (dicts, in preference order) worth timing for one launch; never empty.
 
-    Dropped: configs over the GPU's shared memory or the IEEE fp32 tile cap
-    (:func:`usable_configs`), and configs whose query block (BLOCK_M, over ``seq_q``) or
-    key block (BLOCK_N, over ``seq_k``) is longer than the sequence rounded up to a power
-    of two: more than half of such a block is padding, and a shorter block covers the
-    sequence in as few steps. If the length rule drops every config that fits, the
-    configs that fit are kept; if none fits (a GPU with less shared memory than any
-    listed part), the one with the smallest estimate is returned, so that Triton reports
-    the resource error instead of failing on an empty list. With
-    :func:`fastdiff.kernels.set_deterministic` on, only the first kept config is returned:
-    one pinned config per shape, chosen without timing.
+    Dropped: configs over the GPU's shared memory, over their head-dim limit
+    (REGISTER_LIMITED) or over the IEEE fp32 tile cap (:func:`usable_configs`), and configs
+    whose query block (BLOCK_M, over ``seq_q``) or key block (BLOCK_N, over ``seq_k``) is
+    longer than the sequence rounded up to a power of two: more than half of such a block is
+    padding, and a shorter block covers the sequence in as few steps. If the length rule
+    drops every config that fits, the configs that fit are kept; if none fits (a GPU with
+    less shared memory than any listed part), the one with the smallest estimate is
+    returned, so that Triton reports the resource error instead of failing on an empty
+    list. With :func:`fastdiff.kernels.set_deterministic` on, only the first kept config is
+    returned: one pinned config per shape, chosen without timing.
     """
     fitting = [cfg for cfg in configs
                if _fits(kind, cfg, block_d, element_size, input_precision, shared_limit)]
@@ -177,6 +209,12 @@ def early_prune(kind, triton_configs, named_args, **kwargs):
     return [c for c in triton_configs if _as_dict(c) in kept]
 
 
+# What a tuned choice is cached by. The grid is (blocks per sequence) × batch·heads, so
+# batch·heads decides how well each block size fills the GPU: a new value re-tunes. The
+# kernels receive ``batch_heads`` only for this key (unspecialized, so no recompiles).
+AUTOTUNE_KEY = ("batch_heads", "seq_q", "seq_k", "HEAD_DIM", "INPUT_PRECISION")
+
+
 def _autotune(kind):
     """@triton.autotune over KERNEL_CONFIGS[kind], pruned per launch by :func:`early_prune`."""
     configs = [INTERPRETER_CONFIG] if _INTERPRET else KERNEL_CONFIGS[kind]
@@ -185,7 +223,7 @@ def _autotune(kind):
                       num_warps=c["num_warps"], num_stages=c["num_stages"])
         for c in configs
     ]
-    tune = triton.autotune(configs=triton_configs, key=["seq_q", "seq_k", "HEAD_DIM", "INPUT_PRECISION"],
+    tune = triton.autotune(configs=triton_configs, key=list(AUTOTUNE_KEY),
                            prune_configs_by={"early_config_prune": functools.partial(early_prune, kind)})
     return lambda kernel: autotuned(tune(kernel))
 
@@ -262,14 +300,14 @@ def _fwd_step(acc, m_i, l_i, q, k_ptr, v_ptr, start_n, offs_n, offs_d,
 
 
 @_autotune("forward")
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    num_heads, seq_q, seq_k, scale_log2,
+    num_heads, seq_q, seq_k, batch_heads, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -358,7 +396,7 @@ def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start_m, offs_m,
 
 
 @_autotune("backward_dkdv")
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -367,7 +405,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    num_heads, seq_q, seq_k, scale, scale_log2,
+    num_heads, seq_q, seq_k, batch_heads, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -429,7 +467,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, start_n, offs_n, offs_d,
 
 
 @_autotune("backward_dq")
-@triton.jit
+@triton.jit(do_not_specialize=["batch_heads"])
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -437,7 +475,7 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    num_heads, seq_q, seq_k, scale, scale_log2,
+    num_heads, seq_q, seq_k, batch_heads, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -534,7 +572,7 @@ def attention_forward(q, k, v, scale=None, out=None, allow_tf32=None):
     with _device_guard(q):
         _attention_fwd_kernel[grid](
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, seq_q, seq_k, scale * _LOG2E.value,
+            heads, seq_q, seq_k, batch * heads, scale * _LOG2E.value,
             HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), DOT_FP32=dot_fp32,
             INPUT_PRECISION=precision)
     return out, lse
@@ -571,11 +609,11 @@ def attention_backward(grad_out, q, k, v, out, lse, scale=None, dq=None, dk=None
         _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            heads, seq_q, seq_k, scale, scale * _LOG2E.value, **common)
+            heads, seq_q, seq_k, batch * heads, scale, scale * _LOG2E.value, **common)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)](
             q, k, v, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            heads, seq_q, seq_k, scale, scale * _LOG2E.value, **common)
+            heads, seq_q, seq_k, batch * heads, scale, scale * _LOG2E.value, **common)
     return dq, dk, dv
 
 

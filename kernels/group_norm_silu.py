@@ -38,8 +38,13 @@ from fastdiff.kernels.inputs import interpreting, output_like
 INTERPRET = interpreting()
 
 # (TILE = elements per tile, num_warps) tried by the autotuner on the GPU. Small tiles
-# suit small groups (low-resolution layers), large tiles keep more bytes in flight.
-GPU_TILE_CONFIGS = ((1024, 4), (2048, 4), (4096, 8))
+# suit small groups (low-resolution layers), large tiles keep more bytes in flight. Every
+# config gives each thread 8 elements per tile (16-byte bf16 loads): the backward keeps
+# two fp32 accumulators of the tile in registers, and at 16 elements per thread (2048
+# with 4 warps, 4096 with 8) it needed 128 registers on sm_90; at 8 it needs <= 59
+# (benchmarks/compile_report.py). 4096 elements would need 16 warps, where ptxas caps
+# the backward at 64 registers and spills.
+GPU_TILE_CONFIGS = ((1024, 4), (2048, 8), (512, 2))
 # The interpreter runs exactly one config (autotuning several fails there); a small
 # tile makes the tiny test shapes cross tile boundaries and partial tiles.
 INTERPRETER_TILE_CONFIGS = ((256, 1),)

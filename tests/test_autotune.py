@@ -113,10 +113,11 @@ def consumer_gpu(monkeypatch):
     return props
 
 
-def launch_args(seq_q, seq_k, dtype=torch.bfloat16):
+def launch_args(seq_q, seq_k, dtype=torch.bfloat16, batch_heads=1):
     """What a launch hands the prune: named arguments (q decides the element size and the
     device) and the constexpr keywords."""
-    named = {"q_ptr": torch.empty(1, dtype=dtype), "seq_q": seq_q, "seq_k": seq_k}
+    named = {"q_ptr": torch.empty(1, dtype=dtype), "seq_q": seq_q, "seq_k": seq_k,
+             "batch_heads": batch_heads}
     constexprs = dict(HEAD_DIM=64, BLOCK_D=64, DOT_FP32=False, INPUT_PRECISION="ieee")
     return named, constexprs
 
@@ -147,10 +148,11 @@ class RecordedLaunch:
         self.blocks.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
 
 
-def launch_through_autotuner(monkeypatch, kernel, seq_q, seq_k):
+def launch_through_autotuner(monkeypatch, kernel, seq_q, seq_k, batch_heads=1, cache=None):
     """One launch of an attention ``kernel`` through Triton's Autotuner.run with its timing
     replaced (the smallest blocks "time" fastest) and its launch recorded; returns the
-    (BLOCK_M, BLOCK_N) launched and the configs that were timed."""
+    (BLOCK_M, BLOCK_N) launched and the configs that were timed. ``cache``: the tuned
+    choices it starts from (empty by default)."""
     timed = []
 
     def fake_timing(*args, config, **meta):
@@ -160,8 +162,8 @@ def launch_through_autotuner(monkeypatch, kernel, seq_q, seq_k):
     launch = RecordedLaunch()
     monkeypatch.setattr(kernel, "_bench", fake_timing)
     monkeypatch.setattr(kernel, "fn", launch)
-    monkeypatch.setattr(kernel, "cache", {})
-    named, constexprs = launch_args(seq_q, seq_k)
+    monkeypatch.setattr(kernel, "cache", {} if cache is None else cache)
+    named, constexprs = launch_args(seq_q, seq_k, batch_heads=batch_heads)
     args = [named.get(name, 1) for name in kernel.arg_names
             if name not in constexprs and name not in ("BLOCK_M", "BLOCK_N")]
     kernel.run(*args, grid=(1,), warmup=False, **constexprs)
@@ -187,6 +189,19 @@ def test_launch_uses_the_fastest_config_or_the_pinned_one(monkeypatch, consumer_
     finally:
         fastdiff.kernels.set_deterministic(False)
     assert timed == [kept[0]] and launched == [kept[0]]  # the first kept config, untimed choice
+
+
+@pytest.mark.parametrize("kernel_name", ["_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
+                                         "_attention_bwd_dq_kernel"])
+def test_a_new_batch_times_heads_is_tuned_again(monkeypatch, consumer_gpu, kernel_name):
+    # The grid grows with batch·heads, which decides how well each block size fills the
+    # GPU: the tuned choice is cached per batch·heads, not reused across them.
+    kernel = getattr(attention, kernel_name)
+    cache = {}
+    _, first = launch_through_autotuner(monkeypatch, kernel, 300, 300, batch_heads=8, cache=cache)
+    _, again = launch_through_autotuner(monkeypatch, kernel, 300, 300, batch_heads=8, cache=cache)
+    _, other = launch_through_autotuner(monkeypatch, kernel, 300, 300, batch_heads=64, cache=cache)
+    assert len(first) > 1 and again == [] and other == first
 
 
 # --------------------------------------------------------------- GroupNorm + SiLU

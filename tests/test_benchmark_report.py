@@ -114,3 +114,66 @@ def test_format_seconds_units():
     assert report.format_seconds(2.0) == "2 s"
     assert report.format_seconds(0.0123) == "12.3 ms"
     assert report.format_seconds(4.56e-6) == "4.56 µs"
+
+
+# ---- what benchmarks/gpu_suite.sh relies on -----------------------------------------------
+def run_report(*args):
+    return subprocess.run([sys.executable, REPORT, *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_sections_table_comes_first_and_needs_no_json(tmp_path):
+    sections = tmp_path / "sections.tsv"
+    sections.write_text("env\tok\t4\t10\tGPU NVIDIA H200; torch 2.11\n"
+                        "smoke\tFAILED (exit 1)\t71\t80\t1 failed, 4 passed in 70s\n"
+                        "quickstart\tskipped\t0\t40\tdry run: a|b\n")
+    md = tmp_path / "results.md"
+    proc = run_report("--sections", sections, "--md", md)
+    assert proc.returncode == 0, proc.stderr  # no JSON given: not a failure
+    lines = md.read_text().splitlines()
+    start = lines.index("| section | status | seconds | limit (s) | note |")
+    assert lines[start + 2:start + 5] == [
+        "| env | ok | 4 | 10 | GPU NVIDIA H200; torch 2.11 |",
+        "| smoke | FAILED (exit 1) | 71 | 80 | 1 failed, 4 passed in 70s |",
+        "| quickstart | skipped | 0 | 40 | dry run: a\\|b |"]  # a '|' in a note is escaped
+    assert start < lines.index("## Benchmarks") < lines.index("No benchmark results yet.")
+
+
+def test_merge_in_place_replaces_reruns_and_removes_merged_parts(two_files, tmp_path):
+    a, b = two_files
+    merged = tmp_path / "bench.json"
+    assert run_report(a, "--merge-json", merged).returncode == 0
+    rerun = results_file(tmp_path / "rerun.json", [bench("test_norm[bf16]", 1e-5, {})])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    proc = run_report(merged, b, rerun, broken, "--merge-json", merged, "--remove-merged",
+                      "--md", tmp_path / "r.md")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(merged.read_text())["benchmarks"]
+    # The rerun replaced its row in place; the new module's row was appended.
+    assert [(r["name"], r["stats"]["median"]) for r in rows] == [
+        ("test_train_step", 0.4321), ("test_norm[bf16]", 1e-5), ("test_plain", 3.0)]
+    assert merged.exists() and not b.exists() and not rerun.exists()
+    assert broken.exists()  # unreadable: kept for a look, and named in the report
+    assert "broken.json: JSONDecodeError" in (tmp_path / "r.md").read_text()
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, renamed
+
+
+def test_speedups_are_derived_across_processes(tmp_path):
+    def path_row(role, seconds):
+        return bench(f"test_step[{role}]", seconds, {
+            "compare_group": "step", "compare_role": role, "compare_seconds": seconds})
+
+    # One file per process, as the suite runs them; fastdiff first.
+    files = [results_file(tmp_path / f"{role}.json", [path_row(role, s)])
+             for role, s in (("fastdiff", 0.1), ("stock_pytorch", 0.13), ("gd_way", 0.3))]
+    report = load_report_module()
+    results, _ = report.load_results([str(f) for f in files])
+    fast = results["benchmarks"][0]["extra_info"]
+    assert fast["speedup_vs_gd_way"] == pytest.approx(3.0)
+    assert fast["speedup_vs_stock_pytorch"] == pytest.approx(1.3)
+    assert "| test_step[fastdiff] | 3.00× | 1.30× |" in report.markdown(results).splitlines()
+    # Without the fastdiff row (cut off by its limit) nothing is derived.
+    results, _ = report.load_results([str(f) for f in files[1:]])
+    assert not any(k.startswith("speedup_vs_") for r in results["benchmarks"]
+                   for k in r["extra_info"])

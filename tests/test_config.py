@@ -77,6 +77,10 @@ def test_bad_flags_are_usage_errors(argv):
 
 def test_resolve_backends():
     assert C.resolve_backends("auto", "auto", "cuda") == ("fused", "triton")
+    assert C.resolve_backends("auto", "auto", "cuda", "fp16") == ("fused", "triton")
+    # The Triton attention kernel is bf16/fp16 only: fp32 runs get SDPA.
+    assert C.resolve_backends("auto", "auto", "cuda", "fp32") == ("fused", "sdpa")
+    assert C.resolve_backends("auto", "triton", "cuda", "fp32") == ("fused", "triton")
     assert C.resolve_backends("auto", "auto", "cpu") == ("torch", "sdpa")
     with pytest.raises(ValueError):
         C.resolve_backends("cudnn", "auto", "cpu")

@@ -310,3 +310,14 @@ def test_digits_dataset_shape_range_labels_and_shards():
         seen.update(cond["y"].tolist())
     assert seen == set(range(10))
     assert stream.dataset_summary()["num_classes"] == 10 and stream.num_workers == 0
+
+
+@pytest.mark.gpu
+def test_pinned_batches_on_a_cuda_machine():
+    """--device cuda runs hand the trainer page-locked batches (non_blocking copies)."""
+    from fastdiff.data import load_data
+    stream = load_data(batch_size=4, image_size=8, class_cond=True, pin_memory=True)
+    x, cond = next(stream)
+    assert x.is_pinned() and cond["y"].is_pinned()
+    plain, _ = next(load_data(batch_size=4, image_size=8, class_cond=True))
+    assert not plain.is_pinned()

@@ -70,8 +70,9 @@ def run_fastdiff(gd, optimizer):
     for step in range(gd["steps"]):
         injector.step = step
         before = state_tensors(trainer)
-        returned.append(trainer.train_step(gd["images"][step], {}))
+        returned.append(bool(trainer.train_step(gd["images"][step], {})))
         trainer.step += 1
+        trainer.device_metrics.drain_into(trainer.metrics)  # the device-side interval means
         logged.append(trainer.metrics.dumpkvs().get("lg_loss_scale"))
         after.append(trainer.lg_loss_scale)
         now = state_tensors(trainer)

@@ -132,14 +132,16 @@ class StepSpy:
         params = trainer.params
         original_step = path.step
 
-        def spying_step(inv_scale=1.0, clip=1.0):
+        def spying_step(loss_scale=None, found_inf=None, clip_factor=None):
             self.steps.append(dict(
                 grads=[None if p.grad is None else p.grad.detach().clone() for p in params],
                 params=[p.detach().clone() for p in params],
                 state=[{k: v.detach().clone() for k, v in st.items()}
                        for st in path.state_tensors()],
-                inv_scale=inv_scale, clip=clip))
-            original_step(inv_scale=inv_scale, clip=clip)
+                inv_scale=1.0 if loss_scale is None else 1.0 / float(loss_scale),
+                clip=1.0 if clip_factor is None else float(clip_factor),
+                found_inf=None if found_inf is None else float(found_inf)))
+            original_step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor)
             self.steps[-1]["params_after"] = [p.detach().clone() for p in params]
 
         def inner_pre_hook(optimizer, args, kwargs):
@@ -203,7 +205,7 @@ def test_microbatch_gradients_are_summed_over_microbatches(microbatch):
     trainer = make_trainer(model, RecordingDiffusion(diffusion, draws), draws,
                            microbatch=microbatch)
     spy = StepSpy(trainer)
-    assert trainer.train_step(x, cond) is True
+    assert bool(trainer.train_step(x, cond))
 
     assert len(spy.steps) == 1
     grads = spy.steps[0]["grads"]
@@ -291,9 +293,9 @@ class SpiedLossSecondMoment(LossSecondMomentResampler):
         self.drawn_weights.append(weights.clone())
         return t, weights
 
-    def update_with_local_losses(self, local_ts, local_losses):
+    def update_with_local_losses(self, local_ts, local_losses, accept=None):
         self.fed.append((local_ts.clone(), local_losses.clone(), local_losses.requires_grad))
-        super().update_with_local_losses(local_ts, local_losses)
+        super().update_with_local_losses(local_ts, local_losses, accept=accept)
 
 
 def test_loss_aware_sampler_is_fed_each_microbatch_unweighted_losses():
@@ -342,7 +344,7 @@ def test_uniform_sampler_is_not_fed():
     sampler = UniformSampler(diffusion, seed=0)
     trainer = make_trainer(model, diffusion, sampler, microbatch=2)
     x, cond = fixed_batch()
-    assert trainer.train_step(x, cond) is True
+    assert bool(trainer.train_step(x, cond))
     assert (sampler.weights() == 1).all()
     assert set(sampler.state_dict()) == {"rng_state"}  # no loss history to feed
 
@@ -365,7 +367,7 @@ def train_steps_recording_dtypes(precision, steps=3):
                            precision=precision, optimizer="fused")
     spy = StepSpy(trainer)
     for _ in range(steps):
-        assert trainer.train_step(x, cond) is True
+        assert bool(trainer.train_step(x, cond))
         assert math.isfinite(trainer.last_loss)
     losses = [float(losses.mean()) for _, losses in trainer.diffusion.calls]
     return trainer, spy, seen, losses
@@ -420,7 +422,7 @@ def test_fp16_step_unscales_and_clips_like_adamw_on_unscaled_clipped_grads(optim
     spy = StepSpy(trainer)
     for k in range(2):  # the second step starts from nonzero Adam state
         loss_scale = 2.0 ** trainer.lg_loss_scale
-        assert trainer.train_step(x, cond) is True, "fp16 overflow: no step to check"
+        assert bool(trainer.train_step(x, cond)), "fp16 overflow: no step to check"
         step = spy.steps[k]
         grad_norm = math.sqrt(sum(float(g.double().square().sum()) for g in step["grads"]))
         grad_norm /= loss_scale

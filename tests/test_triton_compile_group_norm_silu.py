@@ -1,74 +1,28 @@
 """Compile the GroupNorm+SiLU Triton kernels with the real GPU compiler, on the CPU.
 
 The interpreter accepts code that the GPU compiler rejects (shapes, dtypes, shared-memory
-overflow), so every kernel is compiled down to a cubin for sm_90 in every block
-configuration its launcher or autotuner can pick (kernels.block_configs()), and once for
-sm_80; the shared memory each program needs is checked against the chip's per-block
-limit. Argument types follow the launchers: activations bf16 (plus fp32 and fp16 once),
-GroupNorm parameters fp32, statistics and partial sums fp32, NCHW strides (the spatial
-stride is 1, which triton specializes as a constant) with sizes that are multiples of 16
-(what lets the loads vectorize), and a few channels_last and odd-size variants.
+overflow), and a config that spills registers is slow before the autotuner ever times it.
+So every kernel is compiled down to a cubin for sm_90 in every block configuration its
+launcher or autotuner can pick (kernels.block_configs(), with every epilogue flag on: the
+most registers) -- the cases of benchmarks/compile_report.py -- and must fit the shared
+memory and neither spill nor need a stack frame; then once more for sm_80, fp32 and fp16
+activations, channels_last and odd sizes. Argument types follow the launchers (see the
+report): activations bf16, GroupNorm parameters, statistics and partial sums fp32, NCHW
+strides with sizes that are multiples of 16.
 """
 import importlib
+import json
 
 import pytest
 # tests/ is on sys.path (rootdir conftest, no __init__.py): the shared helpers import by name.
-from triton_compile import compile_for_gpu, jit_function
+from triton_compile import case_id, compile_clean, report
 
 kernels = importlib.import_module("fastdiff.kernels.group_norm_silu")
 
-
-TILED_KERNELS = ["_gn_fwd_partial_stats_kernel", "_gn_fwd_kernel",
-                 "_gn_bwd_partial_sums_kernel", "_gn_bwd_kernel"]
-ACTIVATION_PTRS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "scale_ptr", "shift_ptr",
-                   "dscale_ptr", "dshift_ptr"}
-PARAM_PTRS = {"w_ptr", "b_ptr", "dw_ptr", "db_ptr"}
-TRITON_DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-LAYOUT_UNIT_STRIDES = {
-    "nchw": ("stride_xs", "stride_ys", "stride_ds", "stride_gs"),
-    "channels_last": ("stride_xc", "stride_yc", "stride_dc", "stride_gc"),
-}
-
-
-def compile_kernel(name, constexprs, num_warps, arch=90, dtype="bf16", layout="nchw", aligned=True):
-    """triton.compile one kernel as the launcher would specialize it; check shared memory.
-
-    aligned: sizes and strides are multiples of 16 (e.g. [32, 512, 32, 32]), which lets
-    triton vectorize; otherwise (odd H*W) they are plain i32.
-    """
-    fn = jit_function(kernels, name)
-    signature, attrs = {}, {}
-    constants = dict(constexprs)
-    for index, param in enumerate(fn.params):
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            pointee = dtype if arg in ACTIVATION_PTRS else "fp32"
-            signature[arg] = TRITON_DTYPE[pointee]
-            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
-        elif arg == "eps":
-            signature[arg] = "fp32"
-        elif arg in LAYOUT_UNIT_STRIDES[layout] or arg in ("stride_sc", "stride_hc"):
-            signature[arg] = "constexpr"  # triton specializes integer arguments equal to 1
-            constants[arg] = 1
-        else:
-            signature[arg] = "i32"
-            if aligned and arg not in ("cpg", "G", "N", "C"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    return compile_for_gpu(fn, name, signature, constants, attrs, constexprs, arch,
-                           num_warps=num_warps)
-
-
-def tiled_constexprs(name, config, split=False, flags=True):
-    """Constexpr values of a tiled kernel for one block config (only those it takes)."""
-    values = {"TILE": config["TILE"], "BLOCK_C": config["BLOCK_C"], "BLOCK_S": config["BLOCK_S"],
-              "HAS_SCALE": flags, "HAS_SHIFT": flags, "ACT": flags, "SPLIT": split}
-    names = {p.name for p in jit_function(kernels, name).params if p.is_constexpr}
-    return {k: v for k, v in values.items() if k in names}
-
-
 CONFIGS = kernels.block_configs()
+SM90_CASES = report.group_norm_cases(90)
+# The variants below compile the largest tile (the most registers per thread).
+LARGEST = max(CONFIGS, key=lambda c: (c["TILE"], c["BLOCK_C"]))
 
 
 def test_block_configs_cover_what_the_launcher_can_pick():
@@ -82,38 +36,59 @@ def test_block_configs_cover_what_the_launcher_can_pick():
     assert all(c["BLOCK_C"] * c["BLOCK_S"] == c["TILE"] for c in CONFIGS)
 
 
-@pytest.mark.parametrize("name", TILED_KERNELS)
-def test_every_block_config_compiles_for_sm90(name):
-    for config in CONFIGS:
-        compile_kernel(name, tiled_constexprs(name, config), config["num_warps"])
+@pytest.mark.parametrize("case", SM90_CASES, ids=case_id)
+def test_every_config_compiles_clean_for_sm90(case):
+    compile_clean(case)
 
 
-@pytest.mark.parametrize("name", ["_gn_fwd_kernel", "_gn_bwd_kernel"])
-def test_split_variants_compile_for_sm90(name):
-    for tile, warps in kernels.GPU_TILE_CONFIGS:
-        config = next(c for c in CONFIGS if c["TILE"] == tile and c["num_warps"] == warps)
-        compile_kernel(name, tiled_constexprs(name, config, split=True), warps)
+def test_report_covers_every_kernel_and_config():
+    # The parametrization above would silently shrink if the report dropped a kernel.
+    tiled = {(c.kernel, c.config) for c in SM90_CASES}
+    for name in report.GROUP_NORM_TILED_KERNELS:
+        for config in CONFIGS:
+            assert (name, report.group_norm_label(config)) in tiled
 
 
 @pytest.mark.parametrize("dtype, layout, flags, aligned", [
     ("fp32", "nchw", False, True), ("fp16", "channels_last", True, True),
     ("bf16", "channels_last", False, False), ("bf16", "nchw", True, False)])
-def test_dtypes_layouts_and_flags_compile_for_sm90(dtype, layout, flags, aligned):
-    config = CONFIGS[-1]
-    for name in TILED_KERNELS:
-        compile_kernel(name, tiled_constexprs(name, config, flags=flags), config["num_warps"],
-                       dtype=dtype, layout=layout, aligned=aligned)
+def test_dtypes_layouts_and_flags_compile_clean_for_sm90(dtype, layout, flags, aligned):
+    for name in report.GROUP_NORM_TILED_KERNELS:
+        compile_clean(report.group_norm_case(name, LARGEST, flags=flags, dtype=dtype, layout=layout,
+                                             aligned=aligned))
 
 
-@pytest.mark.parametrize("has_scale", [True, False])
-def test_param_kernel_compiles_for_sm90(has_scale):
-    compile_kernel("_gn_bwd_param_kernel", {"HAS_SCALE": has_scale, "BLOCK": kernels.PARAM_BLOCK},
-                   kernels.PARAM_WARPS)
+def test_param_kernel_without_scale_compiles_clean_for_sm90():
+    compile_clean(report.group_norm_param_case(has_scale=False))
 
 
-def test_kernels_compile_for_sm80():
-    config = CONFIGS[-1]
-    for name in TILED_KERNELS:
-        compile_kernel(name, tiled_constexprs(name, config), config["num_warps"], arch=80)
-    compile_kernel("_gn_bwd_param_kernel", {"HAS_SCALE": True, "BLOCK": kernels.PARAM_BLOCK},
-                   kernels.PARAM_WARPS, arch=80)
+def test_kernels_compile_clean_for_sm80():
+    for name in report.GROUP_NORM_TILED_KERNELS:
+        compile_clean(report.group_norm_case(name, LARGEST, arch=80))
+    compile_clean(report.group_norm_param_case(arch=80))
+
+
+# At most 64 registers per thread leaves room for 32 resident warps per SM (65,536
+# registers), half the maximum: enough bytes in flight for these memory-bound kernels.
+# The backward at 16 elements per thread (TILE 2048 with 4 warps) needed 128.
+MAX_REGISTERS = 64
+
+
+def test_register_pressure_stays_low():
+    heavy = {case_id(case): report.compile_case(case).registers for case in SM90_CASES
+             if report.compile_case(case).registers > MAX_REGISTERS}
+    assert not heavy, f"more than {MAX_REGISTERS} registers: {heavy}"
+
+
+def test_report_prints_one_json_line_per_config(capsys):
+    # The GroupNorm family only (compiled above already, cached in this process); the
+    # attention family goes through the same code.
+    assert report.main(["--arch", "90", "--family", "group_norm"]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(records) == len(SM90_CASES)
+    assert all(set(r) == {"kernel", "config", "dtype", "D", "registers", "spill_bytes", "stack_bytes",
+                          "shared_bytes", "seconds"} for r in records)
+    assert {r["kernel"] for r in records} == {c.kernel for c in SM90_CASES}
+    assert all(r["D"] is None and r["dtype"] == "bf16" and r["spill_bytes"] == 0 for r in records)
+    assert "total: " in captured.err

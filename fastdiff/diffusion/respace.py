@@ -94,6 +94,9 @@ class SpacedDiffusion(GaussianDiffusion):
                 new_betas.append(1 - alpha_cumprod / previous_alpha_cumprod)
                 previous_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
+        # Shared by every wrapper this diffusion makes (one per training_losses call), so the
+        # map goes to the device once, not once per call.
+        self._timestep_maps = _TimestepMaps(self.timestep_map)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
 
@@ -113,11 +116,33 @@ class SpacedDiffusion(GaussianDiffusion):
         if isinstance(model, _WrappedModel):
             return model
         return _WrappedModel(model, self.timestep_map, self.rescale_timesteps,
-                             self.original_num_steps)
+                             self.original_num_steps, maps=self._timestep_maps)
 
     def _scale_timesteps(self, t):
         # The wrapped model maps and rescales; scaling here too would do it twice.
         return t
+
+
+class _TimestepMaps:
+    """The spaced → base timestep map as an int64 tensor, made once per device.
+
+    A host → device copy per call would wait for the device on a GPU (pageable memory), as a
+    read does. Pickles without its device copies.
+    """
+
+    def __init__(self, timestep_map):
+        self.timestep_map = list(timestep_map)
+        self._on_device = {}
+
+    def __getstate__(self):
+        return {"timestep_map": self.timestep_map, "_on_device": {}}
+
+    def on(self, device):
+        table = self._on_device.get(device)
+        if table is None:
+            table = torch.tensor(self.timestep_map, dtype=torch.long, device=device)
+            self._on_device[device] = table
+        return table
 
 
 class _WrappedModel:
@@ -126,24 +151,15 @@ class _WrappedModel:
     A plain picklable callable (no nn.Module) so it can wrap a compiled or FSDP model as is.
     """
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, maps=None):
         self.model = model
         self.timestep_map = list(timestep_map)
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
-        self._maps = {}  # device -> int64 map tensor, so each call avoids a host copy
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        return state
+        self._maps = maps if maps is not None else _TimestepMaps(self.timestep_map)
 
     def __call__(self, x, ts, **kwargs):
-        table = self._maps.get(ts.device)
-        if table is None:
-            table = torch.tensor(self.timestep_map, dtype=torch.long, device=ts.device)
-            self._maps[ts.device] = table
-        new_ts = table[ts].to(ts.dtype)
+        new_ts = self._maps.on(ts.device)[ts].to(ts.dtype)
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -94,7 +94,7 @@ def evaluate(argv):
     ecfg.sample_steps = min(ecfg.sample_steps, diff_cfg.diffusion_steps)
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion = load_model(ecfg.model_path, model_cfg, diff_cfg, ecfg.norm_backend,
-                                  ecfg.attention_backend, device)
+                                  ecfg.attention_backend, device, ecfg.precision)
 
     notes = []
     if not run_cfg and not data_dir:

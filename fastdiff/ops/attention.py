@@ -5,16 +5,18 @@ flash backward recomputes the probabilities from, so they are an op output the a
 formula saves. The Python wrappers :func:`attention` and :func:`qkv_attention` return
 only ``out``.
 
-Dispatch: CUDA → the Triton launchers (kernels/attention.py); every other device → a
-torch fallback (for ``qkv_attention`` exactly guided-diffusion's einsum math, so fp32
-results equal GD's: :func:`gd_qkv_attention`), or the Triton launchers under
-TRITON_INTERPRET=1. The backward passes are custom ops too, so torch.compile sees the whole
-op pair as opaque nodes.
+Dispatch: every device but CUDA → a torch fallback (for ``qkv_attention`` exactly
+guided-diffusion's einsum math, so fp32 results equal GD's: :func:`gd_qkv_attention`), or the
+Triton launchers under TRITON_INTERPRET=1; CUDA → the Triton launchers
+(kernels/attention.py) for bf16/fp16 and the same torch fallback for fp32 (logged once: IEEE
+fp32 Triton tiles spill registers on sm_90, see benchmarks/compile_report.py). The backward
+passes are custom ops too, so torch.compile sees the whole op pair as opaque nodes.
 
 The input checks and views are the launchers' too (fastdiff.kernels.inputs, no triton);
 the launchers are imported inside the functions that call them, so this module imports
 no triton unless a Triton path runs.
 """
+import logging
 import math
 from typing import Optional
 
@@ -22,6 +24,24 @@ import torch
 
 from fastdiff.kernels.inputs import (channels_as_heads, check_attention_inputs, check_qkv_inputs,
                                      interpreting, qkv_head_views)
+
+
+logger = logging.getLogger("fastdiff")
+_logged_fp32_fallback = False
+
+
+def _runs_triton(t):
+    """Whether the CUDA impls launch the Triton kernels for ``t`` (bf16/fp16), or run the
+    torch fallback (fp32, logged once per process). Runs outside torch.compile's tracing
+    (inside the custom op), so the log line costs no graph break."""
+    global _logged_fp32_fallback
+    if t.dtype != torch.float32:
+        return True
+    if not _logged_fp32_fallback:
+        logger.info("fastdiff attention: fp32 inputs run torch's attention math on CUDA, not the "
+                    "Triton kernels (IEEE fp32 tiles spill registers on sm_90); bf16/fp16 run Triton")
+        _logged_fp32_fallback = True
+    return False
 
 
 def _launchers():
@@ -105,6 +125,8 @@ def _(q, k, v, scale=None):
 
 @_attention_op.register_kernel("cuda")
 def _(q, k, v, scale=None):
+    if not _runs_triton(q):
+        return _math_attention(q, k, v, _default_scale(q.shape[-1], scale))
     return _launchers().attention_forward(q, k, v, _default_scale(q.shape[-1], scale))
 
 
@@ -125,6 +147,8 @@ def _(grad_out, q, k, v, out, lse, scale=None):
 
 @_attention_backward_op.register_kernel("cuda")
 def _(grad_out, q, k, v, out, lse, scale=None):
+    if not _runs_triton(q):
+        return _math_attention_backward(grad_out, q, k, v, _default_scale(q.shape[-1], scale))
     return _launchers().attention_backward(grad_out, q, k, v, out, lse, _default_scale(q.shape[-1], scale))
 
 
@@ -152,6 +176,10 @@ def _qkv_attention_op(qkv: torch.Tensor, num_heads: int,
     check_qkv_inputs(qkv, num_heads)
     if interpreting():
         return _launchers().qkv_attention_forward(qkv, num_heads, legacy_order)
+    return _torch_qkv_attention(qkv, num_heads, legacy_order)
+
+
+def _torch_qkv_attention(qkv, num_heads, legacy_order):
     out, lse = gd_qkv_attention(qkv, num_heads, legacy_order, need_lse=True)
     return out.contiguous(), lse  # the fake impl's layout
 
@@ -166,6 +194,8 @@ def _(qkv, num_heads, legacy_order=True):
 
 @_qkv_attention_op.register_kernel("cuda")
 def _(qkv, num_heads, legacy_order=True):
+    if not _runs_triton(qkv):
+        return _torch_qkv_attention(qkv, num_heads, legacy_order)
     return _launchers().qkv_attention_forward(qkv, num_heads, legacy_order)
 
 
@@ -174,6 +204,10 @@ def _qkv_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: t
                                lse: torch.Tensor, num_heads: int, legacy_order: bool = True) -> torch.Tensor:
     if interpreting():
         return _launchers().qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
+    return _torch_qkv_attention_backward(grad_out, qkv, num_heads, legacy_order)
+
+
+def _torch_qkv_attention_backward(grad_out, qkv, num_heads, legacy_order):
     q, k, v = qkv_head_views(qkv, num_heads, legacy_order)
     grads = _math_attention_backward(channels_as_heads(grad_out, num_heads), q, k, v,
                                      1.0 / math.sqrt(q.shape[-1]))
@@ -190,6 +224,8 @@ def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
 
 @_qkv_attention_backward_op.register_kernel("cuda")
 def _(grad_out, qkv, out, lse, num_heads, legacy_order=True):
+    if not _runs_triton(qkv):
+        return _torch_qkv_attention_backward(grad_out, qkv, num_heads, legacy_order)
     return _launchers().qkv_attention_backward(grad_out, qkv, out, lse, num_heads, legacy_order)
 
 
@@ -214,8 +250,9 @@ def attention(q, k, v, scale=None):
     """softmax(q·kᵀ·scale)·v as a differentiable custom op (no graph break under compile).
 
     q: [B, H, Sq, D], k and v: [B, H, Sk, D], float16/bfloat16/float32, any strides;
-    ``scale`` defaults to 1/sqrt(D). CUDA runs the Triton flash kernels (D ≤ 128), CPU a
-    fp32 torch fallback (the Triton kernels under TRITON_INTERPRET=1).
+    ``scale`` defaults to 1/sqrt(D). CUDA runs the Triton flash kernels (D ≤ 128) for
+    bf16/fp16, and fp32 through the torch fallback that the CPU runs for every dtype (the
+    Triton kernels under TRITON_INTERPRET=1).
     """
     return _attention_op(q, k, v, scale)[0]
 
@@ -224,6 +261,7 @@ def qkv_attention(qkv, num_heads, legacy_order=True):
     """guided-diffusion's QKV attention on the packed [N, 3·H·C, T] tensor → [N, H·C, T].
 
     ``legacy_order=True`` matches QKVAttentionLegacy, False QKVAttention. CUDA runs the
-    Triton kernels reading qkv in place (C ≤ 128); CPU runs GD's einsum math.
+    Triton kernels reading qkv in place (C ≤ 128) for bf16/fp16; fp32 on CUDA, and every
+    dtype on the CPU, runs GD's einsum math.
     """
     return _qkv_attention_op(qkv, num_heads, legacy_order)[0]

@@ -94,6 +94,24 @@ def adam_ema_foreach(params, grads, exp_avgs, exp_avg_sqs, emas, model_params, s
         torch._foreach_copy_(model_params, params)
 
 
+@torch.no_grad()
+def lerp_emas_(emas, params, rate, found_inf=None):
+    """``ema = rate·ema + (1−rate)·p`` for every pair (GD's update_ema), in place.
+
+    With ``found_inf`` (a 0-dim tensor) a nonzero flag leaves the EMAs unchanged, decided on
+    the device: the rate becomes 1 and the parameters' weight 0 (no synchronisation).
+    """
+    if not emas:
+        return
+    if found_inf is None:
+        torch._foreach_mul_(emas, rate)
+        torch._foreach_add_(emas, params, alpha=1 - rate)
+        return
+    skip = found_inf != 0
+    torch._foreach_mul_(emas, torch.where(skip, 1.0, rate).float())
+    torch._foreach_add_(emas, torch._foreach_mul(params, torch.where(skip, 0.0, 1 - rate).float()))
+
+
 def grad_norm_sq_foreach(grads, inv_scale=None):
     """Pure-torch ``torch.ops.fastdiff.grad_norm_sq``: (sum of squares, found_inf) float32."""
     grads = [g.to(torch.float32) for g in grads]
@@ -368,16 +386,7 @@ class FusedAdamEMA(Optimizer):
         states = [self.state[p] for p in params]
         masters = [_local(s.get("master", p)) for s, p in zip(states, params)]
         for k, rate in enumerate(self.ema_rates):
-            emas = [_local(s[f"ema{k}"]) for s in states]
-            if found_inf is None:
-                torch._foreach_mul_(emas, rate)
-                torch._foreach_add_(emas, masters, alpha=1 - rate)
-            else:
-                # rate 1 on a skipped step leaves the EMA unchanged, without synchronising.
-                skip = found_inf != 0
-                torch._foreach_mul_(emas, torch.where(skip, 1.0, rate).float())
-                torch._foreach_add_(
-                    emas, torch._foreach_mul(masters, torch.where(skip, 0.0, 1 - rate).float()))
+            lerp_emas_([_local(s[f"ema{k}"]) for s in states], masters, rate, found_inf)
 
     # ---- checkpoints ------------------------------------------------------------------
     def load_state_dict(self, state_dict):

@@ -94,7 +94,8 @@ def build_components(model_cfg, diff_cfg, train_cfg, dist_info):
     from fastdiff.diffusion import create_named_schedule_sampler
 
     norm_backend, attention_backend = C.resolve_backends(
-        train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type)
+        train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type,
+        train_cfg.precision)
     model, diffusion = C.create_model_and_diffusion(
         **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
         norm_backend=norm_backend, attention_backend=attention_backend)
@@ -107,7 +108,8 @@ def build_components(model_cfg, diff_cfg, train_cfg, dist_info):
         class_from=train_cfg.class_from, rank=dist_info.rank,
         # Mirrored digits are not digits: the embedded dataset trains without GD's flip.
         random_flip=bool(train_cfg.data_dir), world_size=dist_info.world_size,
-        seed=train_cfg.seed, num_workers=None if train_cfg.num_workers < 0 else train_cfg.num_workers)
+        seed=train_cfg.seed, num_workers=None if train_cfg.num_workers < 0 else train_cfg.num_workers,
+        pin_memory=dist_info.device.type == "cuda")
     return model, diffusion, sampler, data
 
 
@@ -136,7 +138,8 @@ def build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, *, int
     called), ``steps`` respaced sampling steps, DDIM or ancestral."""
     from fastdiff.train.preview import PreviewWriter
     norm_backend, attention_backend = C.resolve_backends(
-        train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type)
+        train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type,
+        train_cfg.precision)
     return PreviewWriter(model_cfg, diff_cfg, interval=interval, log_dir=log_dir,
                          device=dist_info.device, precision=train_cfg.precision,
                          seed=train_cfg.seed, steps=steps, use_ddim=use_ddim,

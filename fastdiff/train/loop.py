@@ -13,7 +13,6 @@ behaviour, which the lr was tuned with), dynamic fp16 loss scaling (lg_loss_scal
 lr annealing schedule, EMA after every taken step, GD's logged keys.
 """
 import logging
-import math
 import signal
 import time
 
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from fastdiff.train import checkpoint as ckpt
-from fastdiff.train.metrics import MetricLogger, log_loss_dict
+from fastdiff.optim.fused_adam_ema import clip_factor_from_norm
+from fastdiff.train.metrics import DeviceMeans, MetricLogger
 from fastdiff.train.optimizer import build_optimizer
 from fastdiff.runtime import all_reduce_sum_, any_rank, autocast
 from fastdiff.train.telemetry import Telemetry
@@ -67,7 +67,12 @@ class Trainer:
         self.ema_rates = [float(r) for r in cfg.ema_rate.split(",") if r.strip()]
         self.precision = cfg.precision
         self.use_loss_scale = self.precision == "fp16"
-        self.lg_loss_scale = INITIAL_LG_LOSS_SCALE if self.use_loss_scale else 0.0
+        # Device state of the step (read back only on logging/saving steps): GD's log2 loss
+        # scale (float64, as GD's Python float), and the first step whose loss or gradients
+        # were not finite (-1: none yet).
+        self._lg_loss_scale = torch.tensor(INITIAL_LG_LOSS_SCALE if self.use_loss_scale else 0.0,
+                                           dtype=torch.float64, device=self.device)
+        self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.step = 0
 
         self.param_names = [n for n, _ in model.named_parameters()]
@@ -76,6 +81,7 @@ class Trainer:
                                          self.ema_rates)
         self.metrics = MetricLogger(log_dir if dist_info.is_main else None, dist_info.rank,
                                     table_writer=self._write_text if metrics_table else None)
+        self.device_metrics = DeviceMeans(self.device)
         self.telemetry = telemetry or Telemetry(self.device, dist_info.world_size,
                                                 is_main=dist_info.is_main)
         self.preview = preview
@@ -85,7 +91,8 @@ class Trainer:
             param_names=self.param_names, sampler=schedule_sampler, data=data, trainer=self,
             lr_at=self._lr_for_step, weight_decay=cfg.weight_decay, run_meta=self.run_meta)
         self._stop_signal = None
-        self.last_loss = None  # the last step's loss (mean over microbatches), a host float
+        self.last_loss = None  # the last step's loss (mean over microbatches), a device tensor
+        self._sampler_feed = []
         self._last_lr = None
 
     # ------------------------------------------------------------------ loop
@@ -107,23 +114,32 @@ class Trainer:
             batch, cond = telemetry.next_batch(self.data)
             self.train_step(batch, cond)
             self.step += 1
-            telemetry.step_done(self.global_batch, self.last_loss)
-            if self.step % self.cfg.log_interval == 0:
+            telemetry.step_done(self.global_batch)
+            logging_step = self.step % self.cfg.log_interval == 0
+            saving_step = self.step % self.cfg.save_interval == 0
+            if logging_step or saving_step:
+                self.check_finite()  # before anything is written: a NaN step never reaches disk
+            if logging_step:
                 self._dump_metrics()
             if self.preview is not None and self.preview.due(self.step):
                 with telemetry.paused():
                     self.write_ema_grid(self.preview)
-            if self.step % self.cfg.save_interval == 0:
+            if saving_step:
                 with telemetry.paused():
                     self.save()
                 last_saved = self.step
-            if any_rank(self._stop_signal is not None, self.device):
+            # Under torchrun the ranks agree on a SIGTERM/SIGINT with a collective, which
+            # waits for the GPU: only on logging steps (a stop lands within --log_interval
+            # steps). One process reads its own flag every step (no device involved).
+            if (logging_step or not self.dist.distributed) and \
+                    any_rank(self._stop_signal is not None, self.device):
                 log.info("received %s: saving a checkpoint at step %d and exiting",
                          self._stop_signal or "a stop signal on another rank", self.step)
                 if last_saved != self.step:
                     self.save()
                 return "stopped"
         if last_saved != self.step:
+            self.check_finite()
             self.save()
         return "finished"
 
@@ -138,28 +154,28 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
     def train_step(self, batch, cond):
+        """One optimizer step over ``batch`` (split into microbatches). Reads nothing back
+        from the device: returns a 0-dim bool tensor, True when the step was taken (False:
+        an fp16 overflow or a non-finite loss/gradient skipped it on the device)."""
         self._last_lr = self._lr_for_step(self.step)
         self.optimizer.set_lr(self._last_lr)
         self.optimizer.zero_grad()
         loss_total = self.forward_backward(batch, cond)
         self.last_loss = loss_total / -(-batch.shape[0] // self.microbatch)
-        if not self.use_loss_scale and not math.isfinite(loss_total):
-            if self.cfg.skip_nonfinite:
-                log.warning("non-finite loss at step %d: step skipped (--skip_nonfinite)",
-                            self.step + 1)
-                self.metrics.logkv_mean("skipped_nonfinite", 1.0)
-                return False
-            raise TrainingError(f"non-finite loss ({loss_total}) at step {self.step + 1}; the last "
-                                "checkpoint is kept. Lower --lr, try --precision fp32, or pass "
-                                "--skip_nonfinite to skip such steps")
-        return self.optimizer_step()
+        return self.optimizer_step(loss_total)
 
     def _autocast(self):
         return autocast(self.precision, self.device.type)
 
+    def _loss_scale(self):
+        """2 ** lg_loss_scale as a float32 device tensor (fp16), else None."""
+        return torch.exp2(self._lg_loss_scale).float() if self.use_loss_scale else None
+
     def forward_backward(self, batch, cond):
-        """Losses and gradients over the microbatches of one batch; returns the summed loss."""
-        loss_scale = 2.0 ** self.lg_loss_scale if self.use_loss_scale else 1.0
+        """Losses and gradients over the microbatches of one batch; returns the summed loss
+        (a device tensor)."""
+        loss_scale = self._loss_scale()
+        self._sampler_feed = []  # (t, losses) per microbatch, fed once the step is judged
         n = batch.shape[0]
         starts = list(range(0, n, self.microbatch))
         total = torch.zeros((), device=self.device)
@@ -176,49 +192,80 @@ class Trainer:
                 losses = self.diffusion.training_losses(self.model, micro, t,
                                                         model_kwargs=micro_cond)
             if hasattr(self.sampler, "update_with_local_losses"):
-                self.sampler.update_with_local_losses(t, losses["loss"].detach())
+                self._sampler_feed.append((t, losses["loss"].detach()))
             loss = (losses["loss"] * weights).mean()
-            log_loss_dict(self.metrics, self.diffusion.num_timesteps, t,
-                          {k: v * weights for k, v in losses.items()})
-            (loss * loss_scale).backward()
+            self.device_metrics.add_losses(self.diffusion.num_timesteps, t,
+                                           {k: v * weights for k, v in losses.items()})
+            (loss if loss_scale is None else loss * loss_scale).backward()
             total += loss.detach().float()
-        return float(total)
+        return total
 
-    def optimizer_step(self):
-        """Unscale, check, clip, AdamW + EMA. Returns False when an fp16 overflow skips it."""
-        loss_scale = 2.0 ** self.lg_loss_scale if self.use_loss_scale else 1.0
+    def optimizer_step(self, loss_total=None):
+        """Unscale, check, clip, AdamW + EMA, all decided on the device; returns the 0-dim
+        bool tensor "taken". A non-finite gradient (or ``loss_total``) skips the step for
+        every weight, moment and EMA; under fp16 it also lowers the loss scale (GD), else
+        it is remembered for :meth:`check_finite`."""
+        metrics = self.device_metrics
+        loss_scale = self._loss_scale()
+        sum_sq, found_inf = self.optimizer.grad_stats(loss_scale)
+        if loss_total is not None:
+            found_inf = torch.maximum(found_inf, (~torch.isfinite(loss_total)).float())
+        grad_norm = sum_sq.sqrt()
+        clip = clip_factor_from_norm(grad_norm, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
+            else None
+        self.optimizer.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip)
+        taken = found_inf == 0
+        # The loss-aware sampler learns from this step's losses once the step is judged, and
+        # only from a taken step's finite ones: a NaN would poison its history for good. (GD
+        # feeds each microbatch right after its forward; the losses are the same, only the
+        # next microbatch's draw sees them one step later.)
+        for t, losses in self._sampler_feed:
+            self.sampler.update_with_local_losses(t, losses, accept=taken & torch.isfinite(losses))
+        self._sampler_feed = []
+        # GD logs the norms of taken steps only (its fp16 path returns before logging them).
+        metrics.add("grad_norm", torch.where(taken, grad_norm, 0.0), taken.float())
         if self.use_loss_scale:
-            self.metrics.logkv_mean("lg_loss_scale", self.lg_loss_scale)
-        grad_norm, param_norm = self._global_norms()
-        grad_norm /= loss_scale
-        if self.use_loss_scale and not math.isfinite(grad_norm):
-            self.lg_loss_scale -= 1
-            log.info("found a non-finite gradient: step skipped, lg_loss_scale lowered to %g",
-                     self.lg_loss_scale)
-            self.optimizer.zero_grad()
-            return False
-        self.metrics.logkv_mean("grad_norm", grad_norm)
-        self.metrics.logkv_mean("param_norm", param_norm)
-        clip = 1.0
-        if self.cfg.grad_clip > 0:
-            clip = min(1.0, self.cfg.grad_clip / (grad_norm + 1e-6))
-        self.optimizer.step(inv_scale=1.0 / loss_scale, clip=clip)
-        if self.use_loss_scale:
-            self.lg_loss_scale += self.cfg.fp16_scale_growth
-        return True
+            metrics.add("lg_loss_scale", self._lg_loss_scale)
+            self._lg_loss_scale = torch.where(taken, self._lg_loss_scale + self.cfg.fp16_scale_growth,
+                                              self._lg_loss_scale - 1)
+        else:
+            metrics.add("skipped_nonfinite", (~taken).float())
+            self._first_nonfinite_step = torch.where(
+                (self._first_nonfinite_step < 0) & ~taken,
+                torch.full_like(self._first_nonfinite_step, self.step + 1),
+                self._first_nonfinite_step)
+        if (self.step + 1) % self.cfg.log_interval == 0:
+            # GD logs the mean of every step's parameter norm; the parameters move little in
+            # an interval, so the norm after its last step stands for it (one pass, not N).
+            metrics.add("param_norm", self._param_norm())
+        return taken
 
-    def _global_norms(self):
-        """(grad L2 norm, param L2 norm) over all parameters and all ranks, one host sync."""
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+    def _param_norm(self):
         params = [_local(p.detach()) for p in self.params]
-        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if grads:
-            sq[0] = torch.stack([g.float().norm() for g in grads]).double().square().sum()
-        sq[1] = torch.stack([q.float().norm() for q in params]).double().square().sum()
-        if self.dist.distributed:
-            all_reduce_sum_(sq)
-        g2, p2 = sq.tolist()
-        return math.sqrt(g2), math.sqrt(p2)
+        sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float64)).square().sum()
+        return all_reduce_sum_(sq).sqrt()
+
+    def check_finite(self):
+        """Stop the run (TrainingError) if a step since the start had a non-finite loss or
+        gradient and --skip_nonfinite is off. Reads the device: called on logging and saving
+        steps only, before anything is written."""
+        if self.use_loss_scale or self.cfg.skip_nonfinite:
+            return
+        first = int(self._first_nonfinite_step)
+        if first >= 0:
+            raise TrainingError(
+                f"non-finite loss or gradient at step {first}; the step was not applied and "
+                "nothing after it was saved (the last checkpoint is kept). Lower --lr, try "
+                "--precision fp32, or pass --skip_nonfinite to skip such steps")
+
+    @property
+    def lg_loss_scale(self):
+        """GD's log2 loss scale (a host float: reads the device; not for the hot path)."""
+        return float(self._lg_loss_scale)
+
+    @lg_loss_scale.setter
+    def lg_loss_scale(self, value):
+        self._lg_loss_scale.fill_(float(value))
 
     def _lr_for_step(self, k):
         """GD's annealing: step 0 and 1 use lr, step k ≥ 1 uses lr·(1 − (k−1)/lr_anneal_steps).
@@ -232,6 +279,7 @@ class Trainer:
     def _dump_metrics(self):
         """GD's interval means plus step, samples, lr and the telemetry of this interval
         (images/s, step time, data wait, peak memory, FLOPs and MFU; rank 0's)."""
+        self.device_metrics.drain_into(self.metrics)  # the interval's one device read
         self.metrics.logkv("step", self.step)
         self.metrics.logkv("samples", self.step * self.global_batch)
         if self._last_lr is not None:

@@ -120,17 +120,66 @@ class MetricLogger:
             f.write(json.dumps(kvs, sort_keys=True) + "\n")
 
 
-def log_loss_dict(logger, num_timesteps, ts, losses):
-    """GD's loss logging: the mean of each term and its mean per timestep quartile (_q0.._q3).
+class DeviceMeans:
+    """One log interval's running means, accumulated in device tensors: a training step adds
+    to them without reading anything back to the host; :meth:`drain_into` reads them all in
+    one transfer on a logging step and hands them to a :class:`MetricLogger`.
 
-    One host transfer per term for the whole batch instead of GD's per-sample loop.
+    ``add(key, total, count)`` sums; ``add_losses`` is GD's ``log_loss_dict`` (each loss
+    term's mean and its mean per timestep quartile ``_q0``..``_q3``). Non-finite values (a
+    step skipped for a NaN) are left out of the means, so one bad step does not make the
+    interval's loss NaN; ``skipped_nonfinite`` counts such steps.
     """
-    quartile = (4 * ts.detach().to("cpu", torch.long) // num_timesteps).clamp_(0, 3)
-    for key, values in losses.items():
-        v = values.detach().float().cpu()
-        logger.logkv_mean(key, v.mean().item())
-        for q in range(4):
-            mask = quartile == q
-            n = int(mask.sum())
-            if n:
-                logger.logkv_sum_count(f"{key}_q{q}", v[mask].sum().item(), n)
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        # key → float64 tensor (0-d, or [4] for quartiles): float64, as GD's Python floats
+        # (lg_loss_scale = 20.001 must log as 20.001); a few scalars, so the cost is nil.
+        self._sums = {}
+        self._counts = {}  # a tensor like the sum, or a Python number kept on the host
+
+    def add(self, key, total, count=1):
+        """Accumulate ``total`` (a device tensor) over ``count`` items into ``key``; a count
+        that is a Python number stays on the host (a tensor made from it would be a blocking
+        host→device copy on a GPU)."""
+        total = total.detach().to(torch.float64)
+        if key not in self._sums:
+            self._sums[key] = torch.zeros_like(total)
+            self._counts[key] = 0 if isinstance(count, (int, float)) else torch.zeros_like(total)
+        self._sums[key].add_(total)
+        if isinstance(self._counts[key], torch.Tensor):
+            self._counts[key].add_(count)
+        else:
+            self._counts[key] += count
+
+    def add_losses(self, num_timesteps, ts, losses):
+        """GD's loss logging for one microbatch: ``losses`` {term: per-sample values}."""
+        quartile = (4 * ts.detach().long() // num_timesteps).clamp_(0, 3)
+        for key, values in losses.items():
+            values = values.detach().double()
+            finite = torch.isfinite(values)
+            kept = torch.where(finite, values, torch.zeros_like(values))
+            self.add(key, kept.sum(), finite.sum())
+            by_q = torch.zeros(4, dtype=torch.float64, device=self.device)
+            n_q = torch.zeros(4, dtype=torch.float64, device=self.device)
+            self.add(f"{key}_q", by_q.scatter_add_(0, quartile, kept),
+                     n_q.scatter_add_(0, quartile, finite.double()))
+
+    def drain_into(self, logger):
+        """Hand every accumulated mean to ``logger`` (one device→host read), then reset."""
+        if not self._sums:
+            return
+        keys = list(self._sums)
+        on_device = [k for k in keys if isinstance(self._counts[k], torch.Tensor)]
+        values = iter(torch.cat([self._sums[k].reshape(-1) for k in keys]
+                                + [self._counts[k].reshape(-1) for k in on_device]).tolist())
+        sums = {k: [next(values) for _ in range(self._sums[k].numel())] for k in keys}
+        counts = {k: ([next(values) for _ in range(self._sums[k].numel())] if k in on_device
+                      else [self._counts[k]] * self._sums[k].numel()) for k in keys}
+        for key in keys:
+            width = len(sums[key])
+            for j, (total, count) in enumerate(zip(sums[key], counts[key])):
+                if count > 0:
+                    logger.logkv_sum_count(f"{key}{j}" if width > 1 else key, total, count)
+        self._sums.clear()
+        self._counts.clear()

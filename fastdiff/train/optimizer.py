@@ -4,13 +4,18 @@
 EMA rate in one pass over the parameters (C++/CUDA).
 ``torch``: torch.optim.AdamW followed by GD's EMA loop (one mul_/add_ pass per rate).
 
-Both take the gradient already checked by the trainer: ``inv_scale`` undoes the fp16 loss
-scale and ``clip`` is the clip factor (1.0 = no clipping). Under FSDP2 the parameters are
+Both take device tensors from the trainer (``loss_scale`` to undo, ``found_inf`` to skip the
+step, ``clip_factor``), so a step never waits on the host. Under FSDP2 the parameters are
 DTensor shards and both paths update the local shards.
 """
 import logging
 
 import torch
+import torch.distributed as dist
+
+from fastdiff.optim.fused_adam_ema import (grad_norm_sq_foreach, inv_scale_from_loss_scale,
+                                           lerp_emas_)
+from fastdiff.runtime import is_distributed
 
 log = logging.getLogger("fastdiff")
 
@@ -20,7 +25,13 @@ def _local(t):
 
 
 class _OptimizerPath:
-    """What the trainer needs of either path; ``self.opt`` is the torch Optimizer inside."""
+    """What the trainer needs of either path; ``self.opt`` is the torch Optimizer inside.
+
+    A step is two calls, neither of which reads the device: :meth:`grad_stats` (the global
+    sum of squares of the unscaled gradients and a found-inf flag, all-reduced over FSDP2's
+    mesh) and :meth:`step` (unscale, clip, AdamW and every EMA; skipped on the device when
+    ``found_inf`` is set).
+    """
 
     def set_lr(self, lr):
         for group in self.opt.param_groups:
@@ -31,34 +42,64 @@ class _OptimizerPath:
 
 
 class TorchAdamEMA(_OptimizerPath):
-    """Stock path: AdamW, then for each rate ``ema = rate·ema + (1−rate)·p`` (GD's update_ema)."""
+    """Stock path: AdamW, then for each rate ``ema = rate·ema + (1−rate)·p`` (GD's update_ema).
+
+    On CUDA, AdamW(fused=True) unscales and skips on ``found_inf`` itself (the attributes
+    GradScaler sets), so no step reads the device. On the CPU, torch's foreach AdamW reads
+    its step counts anyway, and a skipped step is decided on the host.
+    """
 
     name = "torch"
 
     def __init__(self, params, lr, weight_decay, ema_rates):
         self.params = list(params)
         self.ema_rates = list(ema_rates)
-        kwargs = {}
-        if all(p.is_cuda for p in self.params):
-            kwargs["fused"] = True
-        else:
-            kwargs["foreach"] = True
+        self.fused = all(p.is_cuda for p in self.params)
+        kwargs = {"fused": True} if self.fused else {"foreach": True}
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, **kwargs)
         self.emas = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
         self._materialise_state()
 
-    def step(self, inv_scale=1.0, clip=1.0):
-        factor = inv_scale * clip
+    @torch.no_grad()
+    def grad_stats(self, loss_scale=None):
+        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        device = _local(self.params[0]).device
+        inv_scale = None if loss_scale is None else inv_scale_from_loss_scale(loss_scale, device)
+        if grads:
+            sum_sq, found_inf = grad_norm_sq_foreach(grads, inv_scale)
+        else:
+            sum_sq = torch.zeros((), dtype=torch.float32, device=device)
+            found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        if is_distributed():  # FSDP2 shards: sum the squares, any rank's inf counts
+            dist.all_reduce(sum_sq, op=dist.ReduceOp.SUM)
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        return sum_sq, found_inf
+
+    @torch.no_grad()
+    def step(self, loss_scale=None, found_inf=None, clip_factor=None):
         grads = [p.grad for p in self.params if p.grad is not None]
-        if factor != 1.0 and grads:
-            torch._foreach_mul_(grads, factor)
-        self.opt.step()
-        with torch.no_grad():
-            locals_ = [_local(p) for p in self.params]
-            for rate, ema in zip(self.ema_rates, self.emas):
-                ema_local = [_local(e) for e in ema]
-                torch._foreach_mul_(ema_local, rate)
-                torch._foreach_add_(ema_local, locals_, alpha=1 - rate)
+        if clip_factor is not None and grads:
+            torch._foreach_mul_(grads, clip_factor)
+        if self.fused:
+            device = _local(self.params[0]).device
+            self.opt.grad_scale = (None if loss_scale is None else
+                                   torch.as_tensor(loss_scale, device=device).float())
+            self.opt.found_inf = None if found_inf is None else found_inf.float()
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.grad_scale, self.opt.found_inf
+        else:
+            if found_inf is not None and found_inf.item() != 0:
+                return
+            if loss_scale is not None and grads:
+                device = _local(self.params[0]).device
+                torch._foreach_mul_(grads, inv_scale_from_loss_scale(loss_scale, device))
+            self.opt.step()
+            found_inf = None
+        locals_ = [_local(p.detach()) for p in self.params]
+        for rate, ema in zip(self.ema_rates, self.emas):
+            lerp_emas_([_local(e) for e in ema], locals_, rate, found_inf)
 
     def get_ema(self, rate):
         return self.emas[self.ema_rates.index(rate)]
@@ -93,18 +134,12 @@ class FusedAdamEMAPath(_OptimizerPath):
         self.opt = FusedAdamEMA(self.params, lr=lr, weight_decay=weight_decay,
                                 ema_rates=tuple(self.ema_rates))
         self.name = f"fused ({self.opt.backend})"
-        device = _local(self.params[0]).device
-        # The trainer has already checked the gradients across all ranks: "no overflow".
-        self._no_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self._device = device
 
-    def step(self, inv_scale=1.0, clip=1.0):
-        kwargs = {}
-        if inv_scale != 1.0:
-            kwargs.update(loss_scale=1.0 / inv_scale, found_inf=self._no_inf)
-        if clip != 1.0:
-            kwargs["clip_factor"] = torch.tensor(clip, dtype=torch.float32, device=self._device)
-        self.opt.step(**kwargs)
+    def grad_stats(self, loss_scale=None):
+        return self.opt.grad_norm_sq(loss_scale)
+
+    def step(self, loss_scale=None, found_inf=None, clip_factor=None):
+        self.opt.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor)
 
     def get_ema(self, rate):
         return self.opt.get_ema(rate)

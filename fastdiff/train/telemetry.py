@@ -351,6 +351,7 @@ class Telemetry:
         self.is_main = is_main
         self.meter = IntervalMeter(clock)
         self.bar = ProgressBar(None, enabled=False)
+        self._last_dumped_loss = None
 
     def start(self, step, total_steps):
         """Training (re)starts at ``step``: a new interval, and the bar (``total_steps`` 0 or
@@ -365,9 +366,11 @@ class Telemetry:
         return self.meter.next_batch(data)
 
     def step_done(self, images, loss=None):
-        """One step finished: count its images and advance the bar (``loss``: a host float)."""
+        """One step finished: count its images and advance the bar. ``loss`` (a host float)
+        defaults to the last dumped interval's: the bar never reads the device."""
         self.meter.step_done(images)
-        self.bar.update(loss, self.meter.images_per_sec())
+        self.bar.update(self._last_dumped_loss if loss is None else loss,
+                        self.meter.images_per_sec())
 
     def paused(self):
         """A context whose time (checkpoint, preview grid) is not training time."""
@@ -390,6 +393,7 @@ class Telemetry:
         """After a metrics dump (rank 0 holds ``kvs``): the log line and TensorBoard."""
         if not self.is_main or not kvs:
             return
+        self._last_dumped_loss = kvs.get("loss", self._last_dumped_loss)
         log.info("%s", metrics_line(kvs))
         if self.tensorboard is not None:
             self.tensorboard.log(kvs, step)

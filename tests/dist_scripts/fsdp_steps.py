@@ -93,10 +93,11 @@ def run_steps(info, global_batch, optimizer):
 
 def warmed_up_sampler_weights(sampler, info):
     """Each rank feeds different losses; the all-gather must leave every rank with the same
-    history, hence the same weights."""
+    history, hence the same weights. Equal counts per rank, as the trainer's microbatches are
+    (the sampler's all-gather needs them)."""
     for i in range(400):
         gen = torch.Generator().manual_seed(100 + 7 * i + info.rank)
-        ts = torch.randint(0, 100, (2 + info.rank,), generator=gen)
+        ts = torch.randint(0, 100, (3,), generator=gen)
         sampler.update_with_local_losses(ts, torch.rand(ts.shape[0]) + info.rank)
     return torch.from_numpy(sampler.weights().copy())
 
