@@ -122,6 +122,37 @@ def test_cpu_adam_ema_20m(benchmark, num_rates):
     benchmark.pedantic(ours[0], rounds=3, iterations=1)
 
 
+def test_cpu_power_emas_cost_the_same_as_fixed_20m(benchmark):
+    """2 fixed + 2 power-function EMAs (per-step rates, host floats) against 4 fixed rates:
+    the same op and bytes, so the same time; the only extra is computing 4 floats a step."""
+    require_extension()
+    from fastdiff import power_ema
+
+    sizes = tensor_sizes(CPU_PARAMS, CPU_TENSORS)
+    specs = power_ema.ema_specs(RATES, (0.05, 0.10))
+    fixed_step, _, _ = fused_candidate(sizes, RATES + (0.99, 0.9), "cpu")
+    params = make_params(sizes, "cpu")
+    opt = FusedAdamEMA(params, lr=LR, weight_decay=WEIGHT_DECAY, backend="extension",
+                       ema_rates=[s.nominal_rate for s in specs],
+                       ema_names=[s.name for s in specs])
+    counter = [0]
+
+    def power_step():
+        counter[0] += 1
+        opt.step(ema_rates=power_ema.ema_rates_for_step(specs, counter[0]))
+
+    fixed_step()
+    power_step()
+    times = cpu_interleaved({"four_fixed": fixed_step, "two_fixed_two_power": power_step},
+                            rounds=5)
+    benchmark.extra_info.update({
+        "params": CPU_PARAMS, "tensors": CPU_TENSORS, "threads": torch.get_num_threads(),
+        **{f"median_s_{name}": t for name, t in times.items()},
+        "power_over_fixed": times["two_fixed_two_power"] / times["four_fixed"],
+    })
+    benchmark.pedantic(power_step, rounds=3, iterations=1)
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 def _gpu_record(benchmark, name_ms, bytes_per_param, ours_name):
     copy = copy_bandwidth_gbs()

@@ -56,9 +56,25 @@ def parse_ema_rates(text):
         if rate is None or not 0.0 < rate < 1.0:
             raise ConfigError(f"--ema_rate: {part!r} is not a rate in (0, 1)")
         rates.append(rate)
-    if not rates:
-        raise ConfigError("--ema_rate needs at least one rate")
     return rates
+
+
+def parse_ema_stds(text):
+    """'0.05,0.10' → [0.05, 0.1]; ConfigError unless each sigma_rel is in (0, 0.3)."""
+    from fastdiff.power_ema import validate_std
+
+    stds = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            stds.append(validate_std(part))
+        except ValueError as e:
+            raise ConfigError(f"--ema_std: {e}") from None
+    names = [f"{s:.3f}" for s in stds]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--ema_std: values must differ at 3 decimals (their names), got {text!r}")
+    return stds
 
 
 @dataclass
@@ -115,7 +131,16 @@ class TrainConfig:
     lr_anneal_steps: int = _f(0, "linear lr decay to 0 over this many steps, then stop; 0 = off")
     batch_size: int = _f(1, "images per rank per step")
     microbatch: int = _f(-1, "split each batch into microbatches of this size (gradients summed, as GD); -1 = off")
-    ema_rate: str = _f("0.9999", "comma-separated EMA rates")
+    ema_rate: str = _f("0.9999", "comma-separated fixed EMA rates; '' = none (then --ema_std is needed)")
+    ema_std: str = _f("", "comma-separated sigma_rel in (0, 0.3) of power-function EMAs (EDM2; e.g. 0.05,0.10), "
+                          "updated in the same pass as --ema_rate's; '' = none")
+    ema_snapshot_interval: int = _f(0, "steps between snapshots of the power EMAs in <log_dir>/ema_snapshots/ "
+                                       "(never pruned); 0 = every --save_interval")
+    lr_warmup_steps: int = _f(0, "linear lr warmup from 0 over this many steps (times GD's anneal); 0 = off")
+    ema_warmup: bool = _f(False, "diffusers' EMA warmup of the fixed-rate EMAs: rate = min(rate, "
+                                 "1 - (1 + (step-1)/ema_inv_gamma)^-ema_power)")
+    ema_inv_gamma: float = _f(1.0, "inv_gamma of --ema_warmup")
+    ema_power: float = _f(0.6667, "power of --ema_warmup (2/3)")
     log_interval: int = _f(10, "steps between metric dumps")
     save_interval: int = _f(10000, "steps between checkpoints")
     resume_checkpoint: str = _f("", "a GD model*.pt to start from, or 'latest' in --log_dir")
@@ -160,15 +185,24 @@ class TrainConfig:
         _at_least("batch_size", self.batch_size, 1)
         # microbatch <= 0 means "off", as in GD (microbatch if microbatch > 0 else batch_size)
         for flag in ("lr", "weight_decay", "grad_clip", "lr_anneal_steps", "max_steps",
-                     "keep_latest", "sample_interval"):
+                     "keep_latest", "sample_interval", "ema_snapshot_interval", "lr_warmup_steps"):
             _at_least(flag, getattr(self, flag), 0)
         for flag in ("log_interval", "save_interval", "sample_steps"):
             _at_least(flag, getattr(self, flag), 1)
-        parse_ema_rates(self.ema_rate)
+        for flag in ("ema_inv_gamma", "ema_power"):
+            if not getattr(self, flag) > 0:
+                raise ConfigError(f"--{flag} must be > 0, got {getattr(self, flag)}")
+        rates, stds = parse_ema_rates(self.ema_rate), parse_ema_stds(self.ema_std)
+        if not rates and not stds:
+            raise ConfigError("--ema_rate and --ema_std are both empty: keep at least one EMA")
 
     @property
     def ema_rates(self):
         return parse_ema_rates(self.ema_rate)
+
+    @property
+    def ema_stds(self):
+        return parse_ema_stds(self.ema_std)
 
 
 CONFIG_CLASSES = (ModelConfig, DiffusionConfig, TrainConfig)

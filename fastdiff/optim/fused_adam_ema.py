@@ -137,7 +137,12 @@ class FusedAdamEMA(Optimizer):
             the step reads without synchronising).
         betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
         ema_rates: EMA decay rates; after every step ``ema = rate * ema + (1 - rate) * p``.
-            EMAs start as copies of the (master) parameters at construction.
+            EMAs start as copies of the (master) parameters at construction. A step may
+            override them for that step only (``step(ema_rates=...)``: warmups and
+            power-function EMAs, whose rate changes every step).
+        ema_names: one name per EMA slot (default ``str(rate)``); the names must be
+            distinct, the rates need not be (a power-function slot's nominal rate may
+            equal a fixed one's). :meth:`get_ema_by_name` looks slots up by name.
         backend: "auto" (the C++/CUDA op when it builds, otherwise the foreach path with a
             warning), "extension" (fail if it does not build) or "foreach".
 
@@ -152,7 +157,7 @@ class FusedAdamEMA(Optimizer):
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 ema_rates=(0.9999,), *, backend="auto"):
+                 ema_rates=(0.9999,), *, ema_names=None, backend="auto"):
         if not isinstance(lr, torch.Tensor) and not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -164,8 +169,16 @@ class FusedAdamEMA(Optimizer):
         self.ema_rates = tuple(float(r) for r in ema_rates)
         if not all(0.0 <= r <= 1.0 for r in self.ema_rates):
             raise ValueError(f"ema_rates must lie in [0, 1], got {ema_rates}")
-        if len(set(self.ema_rates)) != len(self.ema_rates):
-            raise ValueError(f"ema_rates must be distinct, got {ema_rates}")
+        if ema_names is None:
+            if len(set(self.ema_rates)) != len(self.ema_rates):
+                raise ValueError(f"ema_rates must be distinct, got {ema_rates}")
+            ema_names = [str(r) for r in self.ema_rates]
+        self.ema_names = tuple(str(n) for n in ema_names)
+        if len(self.ema_names) != len(self.ema_rates):
+            raise ValueError(f"ema_names needs one name per rate, got {ema_names} for "
+                             f"{self.ema_rates}")
+        if len(set(self.ema_names)) != len(self.ema_names):
+            raise ValueError(f"ema_names must be distinct, got {ema_names}")
         if len(self.ema_rates) > 8:
             raise ValueError(f"at most 8 EMA rates are supported, got {len(self.ema_rates)}")
         if backend not in BACKENDS:
@@ -235,7 +248,34 @@ class FusedAdamEMA(Optimizer):
         except ValueError:
             raise ValueError(f"no EMA with rate {rate}; this optimizer keeps "
                              f"{self.ema_rates}") from None
-        return [self.state[p][f"ema{k}"] for p in self._all_params()]
+        return self.get_ema_slot(k)
+
+    def get_ema_slot(self, index):
+        """The EMA tensors (float32) of slot ``index`` (construction order)."""
+        if not 0 <= index < len(self.ema_rates):
+            raise IndexError(f"no EMA slot {index}; this optimizer keeps {len(self.ema_rates)}")
+        return [self.state[p][f"ema{index}"] for p in self._all_params()]
+
+    def get_ema_by_name(self, name):
+        """The EMA tensors (float32) of the slot named ``name`` (see ``ema_names``)."""
+        try:
+            k = self.ema_names.index(str(name))
+        except ValueError:
+            raise ValueError(f"no EMA named {name!r}; this optimizer keeps "
+                             f"{self.ema_names}") from None
+        return self.get_ema_slot(k)
+
+    def _rates_for_this_step(self, ema_rates):
+        """The per-step override (validated, host floats) or the constructed rates."""
+        if ema_rates is None:
+            return self.ema_rates
+        rates = tuple(float(r) for r in ema_rates)
+        if len(rates) != len(self.ema_rates):
+            raise ValueError(f"step(ema_rates=...) needs {len(self.ema_rates)} rates (one per "
+                             f"EMA slot), got {len(rates)}")
+        if not all(0.0 <= r <= 1.0 for r in rates):
+            raise ValueError(f"ema_rates must lie in [0, 1], got {ema_rates}")
+        return rates
 
     def master_params(self):
         """The float32 parameters the optimizer updates (the params themselves if fp32)."""
@@ -298,7 +338,7 @@ class FusedAdamEMA(Optimizer):
     # ---- the step ---------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None, *, loss_scale=None, found_inf=None, clip_factor=None,
-             max_grad_norm=None):
+             max_grad_norm=None, ema_rates=None):
         """One AdamW + EMA step; returns the closure's loss (or None).
 
         Args:
@@ -312,6 +352,9 @@ class FusedAdamEMA(Optimizer):
                 torch.nn.utils.clip_grad_norm_.
             clip_factor: multiply the unscaled gradients by this tensor instead (e.g.
                 :func:`clip_factor_from_norm` of a norm reduced across ranks).
+            ema_rates: host floats, one per EMA slot in construction order, used instead
+                of the constructed rates for this step only (the op takes the rates per
+                call anyway: no extra pass, no device read).
 
         Non-finite gradients skip a step only when ``loss_scale`` or ``found_inf`` is
         given; otherwise, as in torch, they propagate. ``last_found_inf`` (tensor or None)
@@ -323,6 +366,7 @@ class FusedAdamEMA(Optimizer):
             raise ValueError("pass either clip_factor or max_grad_norm, not both")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        rates = self._rates_for_this_step(ema_rates)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -340,10 +384,10 @@ class FusedAdamEMA(Optimizer):
         self.last_found_inf = found_inf
 
         for group in self.param_groups:
-            self._step_group(group, loss_scale, found_inf, clip_factor)
+            self._step_group(group, loss_scale, found_inf, clip_factor, rates)
         return loss
 
-    def _step_group(self, group, loss_scale, found_inf, clip_factor):
+    def _step_group(self, group, loss_scale, found_inf, clip_factor, ema_rates):
         params = group["params"]
         if not params:
             return
@@ -354,7 +398,7 @@ class FusedAdamEMA(Optimizer):
         inv_scale = None if loss_scale is None else inv_scale_from_loss_scale(loss_scale, device)
         beta1, beta2 = group["betas"]
         adam_ema_op, _ = self._ops()
-        num_rates = len(self.ema_rates)
+        num_rates = len(ema_rates)
 
         # One op call per (parameter dtype, gradient dtype): the kernels take one of each.
         buckets = {}
@@ -375,17 +419,17 @@ class FusedAdamEMA(Optimizer):
                 [_local(s[f"ema{k}"]) for k in range(num_rates) for s in states],
                 [_local(p) for p in bucket] if low_precision else [],
                 [s["step"] for s in states],
-                lr, beta1, beta2, group["eps"], group["weight_decay"], list(self.ema_rates),
+                lr, beta1, beta2, group["eps"], group["weight_decay"], list(ema_rates),
                 inv_scale=inv_scale, clip_factor=clip_factor, found_inf=found_inf,
             )
         if without_grad and num_rates:
-            self._move_emas_only(without_grad, found_inf)
+            self._move_emas_only(without_grad, found_inf, ema_rates)
 
-    def _move_emas_only(self, params, found_inf):
+    def _move_emas_only(self, params, found_inf, ema_rates):
         """EMA update of parameters that got no gradient (they did not move)."""
         states = [self.state[p] for p in params]
         masters = [_local(s.get("master", p)) for s, p in zip(states, params)]
-        for k, rate in enumerate(self.ema_rates):
+        for k, rate in enumerate(ema_rates):
             lerp_emas_([_local(s[f"ema{k}"]) for s in states], masters, rate, found_inf)
 
     # ---- checkpoints ------------------------------------------------------------------

@@ -8,6 +8,7 @@ Layout of a run folder::
         .metadata  __0_0.distcp ...                        (sharded under FSDP2)
         rank00000.pt ...                                   per-rank RNG, sampler, data position
         trainer.json                                       step, loss scale, config; written last
+    ema_snapshots/phema_std0.050_000100.pt                 power EMAs (--ema_std), never pruned
 
 A checkpoint is written under ``step_NNNNNN.partial`` and renamed only when every rank has
 finished and ``trainer.json`` is in place, so a kill -9 at any point leaves either a complete
@@ -25,15 +26,17 @@ import warnings
 import torch
 import torch.distributed as dist
 
+# GD's file format and the atomic writers; re-exported: callers import them from here too.
+from fastdiff.train.gd_format import (  # noqa: F401
+    CheckpointError, adam_states_from_gd, atomic_torch_save, atomic_write_text,
+    check_state_dict_fits, export_gd_files, gd_filenames, gd_optimizer_state_dict,
+    load_state_dict_file, parse_gd_step)
+
 log = logging.getLogger("fastdiff")
 
 CHECKPOINT_SUBDIR = "checkpoints"
+SNAPSHOT_SUBDIR = "ema_snapshots"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-_GD_FILE = re.compile(r"^(model|opt|ema_[0-9.]+_)(\d{6,})\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not fit the model."""
 
 
 def _is_dist():
@@ -57,45 +60,15 @@ def _single_process_quiet():
         yield
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to ``path`` through a temporary file + fsync + rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def snapshot_path(log_dir, std, step):
+    """Where the snapshot of the power EMA ``std`` at ``step`` lives."""
+    return os.path.join(log_dir, SNAPSHOT_SUBDIR, f"phema_std{float(std):.3f}_{step:06d}.pt")
 
 
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def gd_filenames(step, ema_rates):
-    """GD's export names for ``step``: {'model': ..., 'opt': ..., rate: ...}."""
-    names = {"model": f"model{step:06d}.pt", "opt": f"opt{step:06d}.pt"}
-    for rate in ema_rates:
-        names[rate] = f"ema_{rate}_{step:06d}.pt"
-    return names
-
-
-def export_gd_files(log_dir, step, model_state, ema_states, opt_state):
-    """Write GD-format files (call on rank 0 only). ``ema_states``: {rate string: state_dict}."""
-    names = gd_filenames(step, list(ema_states))
-    atomic_torch_save(model_state, os.path.join(log_dir, names["model"]))
-    for rate, sd in ema_states.items():
-        atomic_torch_save(sd, os.path.join(log_dir, names[rate]))
-    if opt_state is not None:
-        atomic_torch_save(opt_state, os.path.join(log_dir, names["opt"]))
+def model_flags(config):
+    """The model + diffusion flags of a run's effective config (what loads its weights)."""
+    from fastdiff.config import model_and_diffusion_defaults
+    return {k: config[k] for k in model_and_diffusion_defaults() if k in config}
 
 
 def checkpoint_root(log_dir):
@@ -202,70 +175,6 @@ def prune_checkpoints(log_dir, keep_latest, ema_rates):
                 os.remove(p)
 
 
-def parse_gd_step(path):
-    """Step number of a GD file name like .../model012345.pt (0 when absent)."""
-    m = re.search(r"model(\d+)\.pt$", os.path.basename(path))
-    return int(m.group(1)) if m else 0
-
-
-def load_state_dict_file(path):
-    """torch.load a GD-format file safely, with a one-line error when it cannot be read."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-
-
-def check_state_dict_fits(model_state, reference_state, source):
-    """Raise CheckpointError naming the first key that is missing, unexpected or mis-shaped."""
-    for key, ref in reference_state.items():
-        if key not in model_state:
-            raise CheckpointError(f"{source} does not fit the model: missing key {key!r}")
-        got = model_state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source} does not fit the model: {key!r} has shape "
-                                  f"{tuple(got.shape)}, the model expects {tuple(ref.shape)}")
-    for key in model_state:
-        if key not in reference_state:
-            raise CheckpointError(f"{source} does not fit the model: unexpected key {key!r}")
-
-
-# ------------------------------------------------------------------ GD's optimizer file
-def gd_optimizer_state_dict(states, lr, weight_decay):
-    """An AdamW-format state dict (GD's opt*.pt) from full per-param {exp_avg, exp_avg_sq, step}."""
-    state = {}
-    for i, st in enumerate(states):
-        state[i] = {"step": torch.as_tensor(float(st["step"])), "exp_avg": st["exp_avg"],
-                    "exp_avg_sq": st["exp_avg_sq"]}
-    group = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay,
-             "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-             "differentiable": False, "fused": None, "params": list(range(len(states)))}
-    return {"state": state, "param_groups": [group]}
-
-
-def adam_states_from_gd(opt_state, params):
-    """[(exp_avg, exp_avg_sq, step) or None] from a GD opt*.pt, or None when it does not fit
-    ``params`` (GD's fp16 runs store state for flattened master tensors)."""
-    try:
-        state = opt_state["state"]
-        ids = opt_state["param_groups"][0]["params"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if len(ids) != len(params):
-        return None
-    out = []
-    for pid, p in zip(ids, params):
-        st = state.get(pid)
-        if st is None:
-            out.append(None)
-            continue
-        if tuple(st["exp_avg"].shape) != tuple(p.shape):
-            return None
-        out.append((st["exp_avg"], st["exp_avg_sq"], float(st["step"])))
-    return out
-
 
 # -------------------------------------------------------------- finding what to resume
 def find_resume_path(spec, log_dir, log_dir_given):
@@ -342,11 +251,16 @@ class Checkpointer:
 
     def __init__(self, log_dir, *, dist_info, keep_latest, ema_rates, model, optimizer,
                  params, param_names, sampler, data, trainer, lr_at, weight_decay,
-                 run_meta=None):
+                 run_meta=None, ema_specs=None):
         self.log_dir = log_dir
         self.dist = dist_info
         self.keep_latest = keep_latest
         self.ema_rates = list(ema_rates)
+        # Every EMA slot in optimizer order (fixed rates, then power EMAs): the DCP keys.
+        if ema_specs is None:
+            from fastdiff.power_ema import ema_specs as make_specs
+            ema_specs = make_specs(self.ema_rates, [])
+        self.ema_specs = list(ema_specs)
         self.model = model
         self.optimizer = optimizer
         self.params = params
@@ -369,8 +283,8 @@ class Checkpointer:
         return path
 
     def _dcp_state(self):
-        emas = {str(rate): dict(zip(self.param_names, self.optimizer.get_ema(rate)))
-                for rate in self.ema_rates}
+        emas = {spec.name: dict(zip(self.param_names, self.optimizer.get_ema_slot(k)))
+                for k, spec in enumerate(self.ema_specs)}
         return {
             "model": self.model.state_dict(),
             "ema": emas,
@@ -389,7 +303,8 @@ class Checkpointer:
 
     def _meta(self):
         return {**self.trainer.state_dict(), "world_size": self.dist.world_size,
-                "ema_rates": [str(r) for r in self.ema_rates], **self.run_meta}
+                "ema_rates": [str(r) for r in self.ema_rates],
+                "ema_names": [spec.name for spec in self.ema_specs], **self.run_meta}
 
     def _on_rank0(self, tensor):
         """The full tensor on the CPU on rank 0, None elsewhere. ``full_tensor`` is a
@@ -408,6 +323,25 @@ class Checkpointer:
             opt_sd = gd_optimizer_state_dict(states, self.lr_at(step), self.weight_decay)
             export_gd_files(self.log_dir, step, model_sd, ema_sds, opt_sd)
 
+    def write_ema_snapshots(self, step):
+        """Each power EMA's full weights at ``step`` as a GD-keyed .pt with its metadata
+        (rank 0 writes, atomically; collective under FSDP2). Returns the paths written."""
+        paths = []
+        model_config = model_flags(self.run_meta.get("config", {}))
+        for k, spec in enumerate(self.ema_specs):
+            if not spec.is_power:
+                continue
+            weights = {n: self._on_rank0(t)
+                       for n, t in zip(self.param_names, self.optimizer.get_ema_slot(k))}
+            if not self.dist.is_main:
+                continue
+            path = snapshot_path(self.log_dir, spec.std, step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_torch_save({"state_dict": weights, "step": step, "std": spec.std,
+                               "model_config": model_config}, path)
+            paths.append(path)
+        return paths
+
     # ------------------------------------------------------------------ load
     def load(self, path):
         """Resume from a complete DCP checkpoint folder (exact) or a GD model*.pt file."""
@@ -418,17 +352,18 @@ class Checkpointer:
 
     def _load_dcp(self, path):
         meta = read_trainer_meta(path)
-        saved_rates = meta.get("ema_rates", [])
+        saved_names = meta.get("ema_names", meta.get("ema_rates", []))
         state = self._dcp_state()
-        missing = [r for r in state["ema"] if r not in saved_rates]
-        for r in missing:  # a new EMA rate starts from the resumed weights
-            del state["ema"][r]
+        missing = [name for name in state["ema"] if name not in saved_names]
+        for name in missing:  # a new EMA starts from the resumed weights
+            del state["ema"][name]
         load_training_state(path, state)
         if missing:
-            for r in missing:
-                for e, p in zip(self.optimizer.get_ema(float(r)), self.params):
-                    _local(e).copy_(_local(p.detach()))
-            log.info("EMA rates %s not in the checkpoint: started from the model weights", missing)
+            for k, spec in enumerate(self.ema_specs):
+                if spec.name in missing:
+                    for e, p in zip(self.optimizer.get_ema_slot(k), self.params):
+                        _local(e).copy_(_local(p.detach()))
+            log.info("EMAs %s not in the checkpoint: started from the model weights", missing)
         self.trainer.load_state_dict(meta)
         rank_state = load_rank_state(path, self.dist.rank)
         same_world = int(meta.get("world_size", 1)) == self.dist.world_size
@@ -470,6 +405,9 @@ class Checkpointer:
                 check_state_dict_fits(source, reference, ema_path)
                 log.info("loaded EMA %s from %s", rate, ema_path)
             self._load_full_into(self.optimizer.get_ema(rate), source)
+        for k, spec in enumerate(self.ema_specs):  # GD has no power EMAs: start at the weights
+            if spec.is_power:
+                self._load_full_into(self.optimizer.get_ema_slot(k), model_sd)
         opt_path = os.path.join(folder, f"opt{named:06d}.pt")
         adam_steps = self._load_gd_optimizer(opt_path) if os.path.isfile(opt_path) else None
         step = named

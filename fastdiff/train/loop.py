@@ -11,6 +11,10 @@ so the gradient of a batch split in k microbatches is k times the unsplit mean �
 behaviour, which the lr was tuned with), dynamic fp16 loss scaling (lg_loss_scale from 20,
 +fp16_scale_growth per good step, −1 and the step and the EMA skipped on overflow), the
 lr annealing schedule, EMA after every taken step, GD's logged keys.
+Additions, off by default: power-function EMAs (``--ema_std``, EDM2) with snapshots, an lr
+warmup and diffusers' EMA warmup. Every EMA's rate for step k is a host float computed from
+the step counter (fastdiff/power_ema.py), so a resumed run continues them exactly and the
+step stays free of device reads.
 """
 import logging
 import signal
@@ -19,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from fastdiff import power_ema
 from fastdiff.train import checkpoint as ckpt
 from fastdiff.optim.fused_adam_ema import clip_factor_from_norm
 from fastdiff.train.metrics import DeviceMeans, MetricLogger
@@ -65,6 +70,16 @@ class Trainer:
         self.microbatch = cfg.microbatch if cfg.microbatch > 0 else cfg.batch_size
         self.global_batch = cfg.batch_size * dist_info.world_size
         self.ema_rates = [float(r) for r in cfg.ema_rate.split(",") if r.strip()]
+        self.ema_stds = [float(s) for s in getattr(cfg, "ema_std", "").split(",") if s.strip()]
+        # Optimizer slots: fixed rates first, then power EMAs in --ema_std order.
+        self.ema_specs = power_ema.ema_specs(self.ema_rates, self.ema_stds)
+        self.ema_warmup = (power_ema.EmaWarmup(cfg.ema_inv_gamma, cfg.ema_power)
+                           if getattr(cfg, "ema_warmup", False) else None)
+        # Constant rates need no per-step list (the optimizer's own are the same).
+        self._ema_rates_vary = bool(self.ema_stds) or self.ema_warmup is not None
+        self.lr_warmup_steps = int(getattr(cfg, "lr_warmup_steps", 0))
+        self.snapshot_interval = int(getattr(cfg, "ema_snapshot_interval", 0)) or cfg.save_interval
+        self._last_snapshot_step = None
         self.precision = cfg.precision
         self.use_loss_scale = self.precision == "fp16"
         # Device state of the step (read back only on logging/saving steps): GD's log2 loss
@@ -78,7 +93,8 @@ class Trainer:
         self.param_names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self.optimizer = build_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay,
-                                         self.ema_rates)
+                                         [spec.nominal_rate for spec in self.ema_specs],
+                                         [spec.name for spec in self.ema_specs])
         self.metrics = MetricLogger(log_dir if dist_info.is_main else None, dist_info.rank,
                                     table_writer=self._write_text if metrics_table else None)
         self.device_metrics = DeviceMeans(self.device)
@@ -87,6 +103,7 @@ class Trainer:
         self.preview = preview
         self.checkpointer = ckpt.Checkpointer(
             log_dir, dist_info=dist_info, keep_latest=cfg.keep_latest, ema_rates=self.ema_rates,
+            ema_specs=self.ema_specs,
             model=model, optimizer=self.optimizer, params=self.params,
             param_names=self.param_names, sampler=schedule_sampler, data=data, trainer=self,
             lr_at=self._lr_for_step, weight_decay=cfg.weight_decay, run_meta=self.run_meta)
@@ -128,6 +145,9 @@ class Trainer:
                 with telemetry.paused():
                     self.save()
                 last_saved = self.step
+            elif self._snapshot_due():
+                with telemetry.paused():
+                    self.write_ema_snapshots()
             # Under torchrun the ranks agree on a SIGTERM/SIGINT with a collective, which
             # waits for the GPU: only on logging steps (a stop lands within --log_interval
             # steps). One process reads its own flag every step (no device involved).
@@ -213,7 +233,10 @@ class Trainer:
         grad_norm = sum_sq.sqrt()
         clip = clip_factor_from_norm(grad_norm, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
             else None
-        self.optimizer.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip)
+        ema_rates = self.ema_rates_for_step(self.step + 1)
+        extra = {} if ema_rates is None else {"ema_rates": ema_rates}  # GD's path: as before
+        self.optimizer.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip,
+                            **extra)
         taken = found_inf == 0
         # The loss-aware sampler learns from this step's losses once the step is judged, and
         # only from a taken step's finite ones: a NaN would poison its history for good. (GD
@@ -267,14 +290,23 @@ class Trainer:
     def lg_loss_scale(self, value):
         self._lg_loss_scale.fill_(float(value))
 
-    def _lr_for_step(self, k):
-        """GD's annealing: step 0 and 1 use lr, step k ≥ 1 uses lr·(1 − (k−1)/lr_anneal_steps).
+    def ema_rates_for_step(self, step):
+        """Every EMA slot's rate for 1-based ``step`` (host floats), or None when the rates
+        are the constant ones the optimizer was built with."""
+        if not self._ema_rates_vary:
+            return None
+        return power_ema.ema_rates_for_step(self.ema_specs, step, self.ema_warmup)
 
-        (GD updates the lr after each step from the index of the step just taken.)
-        """
-        if not self.cfg.lr_anneal_steps or k == 0:
-            return self.cfg.lr
-        return self.cfg.lr * (1 - (k - 1) / self.cfg.lr_anneal_steps)
+    def _lr_for_step(self, k):
+        """The lr of the step after ``k`` completed ones: GD's annealing (step 0 and 1 use
+        lr, k ≥ 1 uses lr·(1 − (k−1)/lr_anneal_steps): GD updates the lr after each step from
+        the index of the step just taken) times the warmup min(1, (k+1)/lr_warmup_steps)."""
+        lr = self.cfg.lr
+        if self.cfg.lr_anneal_steps and k > 0:
+            lr = lr * (1 - (k - 1) / self.cfg.lr_anneal_steps)
+        if self.lr_warmup_steps:
+            lr = lr * min(1.0, (k + 1) / self.lr_warmup_steps)
+        return lr
 
     def _dump_metrics(self):
         """GD's interval means plus step, samples, lr and the telemetry of this interval
@@ -294,8 +326,9 @@ class Trainer:
 
     def write_ema_grid(self, writer, path=None):
         """A sample grid (``writer``: a PreviewWriter) from the first EMA rate's weights,
-        gathered in full: a collective under FSDP2, so every rank runs this."""
-        ema = self.optimizer.get_ema(self.ema_rates[0])
+        gathered in full: a collective under FSDP2, so every rank runs this. Without fixed
+        rates, the first power EMA's."""
+        ema = self.optimizer.get_ema_slot(0)
         weights = {name: _full(t).detach() for name, t in zip(self.param_names, ema)}
         path = writer.write(self.step, weights, path)
         if path:
@@ -333,7 +366,20 @@ class Trainer:
         t0 = time.perf_counter()
         path = self.checkpointer.save(self.step)
         log.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        self.write_ema_snapshots()
         return path
+
+    def _snapshot_due(self):
+        return bool(self.ema_stds) and self.step % self.snapshot_interval == 0
+
+    def write_ema_snapshots(self):
+        """Snapshots of the power EMAs at this step (collective; once per step)."""
+        if not self.ema_stds or self._last_snapshot_step == self.step:
+            return
+        paths = self.checkpointer.write_ema_snapshots(self.step)
+        self._last_snapshot_step = self.step
+        if paths:
+            log.info("power-EMA snapshots: %s", ", ".join(paths))
 
     def resume(self, path):
         """Resume from a complete DCP checkpoint folder (exact) or a GD model*.pt file."""

@@ -40,6 +40,20 @@ class _OptimizerPath:
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
 
+    def get_ema_by_name(self, name):
+        """The EMA tensors of the slot named ``name`` (fixed: '0.9999'; power: 'std0.050')."""
+        try:
+            return self.get_ema_slot(self.ema_names.index(str(name)))
+        except ValueError:
+            raise ValueError(f"no EMA named {name!r}; keeping {self.ema_names}") from None
+
+    @staticmethod
+    def _names(ema_rates, ema_names):
+        names = [str(r) for r in ema_rates] if ema_names is None else [str(n) for n in ema_names]
+        if len(names) != len(ema_rates) or len(set(names)) != len(names):
+            raise ValueError(f"ema_names must be distinct, one per rate: {names}")
+        return names
+
 
 class TorchAdamEMA(_OptimizerPath):
     """Stock path: AdamW, then for each rate ``ema = rate·ema + (1−rate)·p`` (GD's update_ema).
@@ -51,9 +65,10 @@ class TorchAdamEMA(_OptimizerPath):
 
     name = "torch"
 
-    def __init__(self, params, lr, weight_decay, ema_rates):
+    def __init__(self, params, lr, weight_decay, ema_rates, ema_names=None):
         self.params = list(params)
         self.ema_rates = list(ema_rates)
+        self.ema_names = self._names(self.ema_rates, ema_names)
         self.fused = all(p.is_cuda for p in self.params)
         kwargs = {"fused": True} if self.fused else {"foreach": True}
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, **kwargs)
@@ -76,7 +91,12 @@ class TorchAdamEMA(_OptimizerPath):
         return sum_sq, found_inf
 
     @torch.no_grad()
-    def step(self, loss_scale=None, found_inf=None, clip_factor=None):
+    def step(self, loss_scale=None, found_inf=None, clip_factor=None, ema_rates=None):
+        """``ema_rates``: host floats, one per EMA slot, for this step only (else the
+        constructed ones)."""
+        rates = self.ema_rates if ema_rates is None else [float(r) for r in ema_rates]
+        if len(rates) != len(self.emas):
+            raise ValueError(f"step(ema_rates=...) needs {len(self.emas)} rates, got {len(rates)}")
         grads = [p.grad for p in self.params if p.grad is not None]
         if clip_factor is not None and grads:
             torch._foreach_mul_(grads, clip_factor)
@@ -98,11 +118,14 @@ class TorchAdamEMA(_OptimizerPath):
             self.opt.step()
             found_inf = None
         locals_ = [_local(p.detach()) for p in self.params]
-        for rate, ema in zip(self.ema_rates, self.emas):
+        for rate, ema in zip(rates, self.emas):
             lerp_emas_([_local(e) for e in ema], locals_, rate, found_inf)
 
     def get_ema(self, rate):
         return self.emas[self.ema_rates.index(rate)]
+
+    def get_ema_slot(self, index):
+        return self.emas[index]
 
     def state_tensors(self):
         """Live per-parameter AdamW state {exp_avg, exp_avg_sq, step}, in params order.
@@ -127,31 +150,39 @@ class FusedAdamEMAPath(_OptimizerPath):
 
     name = "fused"
 
-    def __init__(self, params, lr, weight_decay, ema_rates):
+    def __init__(self, params, lr, weight_decay, ema_rates, ema_names=None):
         from fastdiff.optim import FusedAdamEMA
         self.params = list(params)
         self.ema_rates = list(ema_rates)
+        self.ema_names = self._names(self.ema_rates, ema_names)
         self.opt = FusedAdamEMA(self.params, lr=lr, weight_decay=weight_decay,
-                                ema_rates=tuple(self.ema_rates))
+                                ema_rates=tuple(self.ema_rates), ema_names=self.ema_names)
         self.name = f"fused ({self.opt.backend})"
 
     def grad_stats(self, loss_scale=None):
         return self.opt.grad_norm_sq(loss_scale)
 
-    def step(self, loss_scale=None, found_inf=None, clip_factor=None):
-        self.opt.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor)
+    def step(self, loss_scale=None, found_inf=None, clip_factor=None, ema_rates=None):
+        extra = {} if ema_rates is None else {"ema_rates": ema_rates}
+        self.opt.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor,
+                      **extra)
 
     def get_ema(self, rate):
         return self.opt.get_ema(rate)
+
+    def get_ema_slot(self, index):
+        return self.opt.get_ema_slot(index)
 
     def state_tensors(self):
         return [{k: self.opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step")}
                 for p in self.params]
 
 
-def build_optimizer(kind, params, lr, weight_decay, ema_rates):
+def build_optimizer(kind, params, lr, weight_decay, ema_rates, ema_names=None):
+    """``ema_rates``: one (nominal) rate per EMA slot; ``ema_names``: their keys (default
+    ``str(rate)``; power-function slots need names, their nominal rates may repeat)."""
     if kind == "torch":
-        return TorchAdamEMA(params, lr, weight_decay, ema_rates)
+        return TorchAdamEMA(params, lr, weight_decay, ema_rates, ema_names)
     if kind == "fused":
-        return FusedAdamEMAPath(params, lr, weight_decay, ema_rates)
+        return FusedAdamEMAPath(params, lr, weight_decay, ema_rates, ema_names)
     raise ValueError(f"--optimizer must be fused or torch, got {kind!r}")
