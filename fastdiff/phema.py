@@ -32,9 +32,8 @@ import torch
 
 from fastdiff.power_ema import MAX_STD, std_to_exp, validate_std
 from fastdiff.sampling import read_run_config
-from fastdiff.train.checkpoint import CheckpointError, atomic_torch_save
+from fastdiff.train.checkpoint import SNAPSHOT_SUBDIR, CheckpointError, atomic_torch_save
 
-SNAPSHOT_SUBDIR = "ema_snapshots"
 _SNAPSHOT_FILE = re.compile(r"^phema_std(\d+\.\d+)_(\d{6,})\.pt$")
 # The snapshot file name rounds sigma_rel to 3 decimals; the file's own "std" is exact.
 _NAME_STD_ROUNDING = 5e-4 + 1e-9

@@ -87,6 +87,18 @@ def teardown_distributed():
             dist.destroy_process_group()
 
 
+def local_tensor(t):
+    """This rank's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), or the
+    tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t):
+    """The whole tensor of a DTensor shard (a collective: every rank calls it), or the tensor
+    itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

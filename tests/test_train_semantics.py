@@ -132,7 +132,7 @@ class StepSpy:
         params = trainer.params
         original_step = path.step
 
-        def spying_step(loss_scale=None, found_inf=None, clip_factor=None):
+        def spying_step(loss_scale=None, found_inf=None, clip_factor=None, ema_rates=None):
             self.steps.append(dict(
                 grads=[None if p.grad is None else p.grad.detach().clone() for p in params],
                 params=[p.detach().clone() for p in params],
@@ -141,7 +141,8 @@ class StepSpy:
                 inv_scale=1.0 if loss_scale is None else 1.0 / float(loss_scale),
                 clip=1.0 if clip_factor is None else float(clip_factor),
                 found_inf=None if found_inf is None else float(found_inf)))
-            original_step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor)
+            original_step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor,
+                          ema_rates=ema_rates)
             self.steps[-1]["params_after"] = [p.detach().clone() for p in params]
 
         def inner_pre_hook(optimizer, args, kwargs):

@@ -23,6 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from fastdiff.optim import _ext
+from fastdiff.runtime import local_tensor
 
 LOG = logging.getLogger("fastdiff")
 
@@ -31,12 +32,6 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.float32,) + LOW_PRECISION
 # Offset torch.nn.utils.clip_grad_norm_ adds to the norm before dividing.
 CLIP_EPS = 1e-6
-
-
-def _local(t):
-    """The local shard of a DTensor (FSDP2 parameters, grads and state), else t itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def clip_factor_from_norm(total_norm, max_norm):
@@ -203,7 +198,7 @@ class FusedAdamEMA(Optimizer):
         if backend == "extension" and not available:
             raise RuntimeError("FusedAdamEMA(backend='extension'): the C++ extension could "
                                "not be built or loaded (see the 'fastdiff' log)")
-        needs_cuda = any(_local(p).is_cuda for p in self._all_params())
+        needs_cuda = any(local_tensor(p).is_cuda for p in self._all_params())
         if available and needs_cuda and not _ext.has_cuda_kernels():
             if backend == "extension":
                 raise RuntimeError("FusedAdamEMA(backend='extension'): the loaded extension "
@@ -234,7 +229,7 @@ class FusedAdamEMA(Optimizer):
         if p.dtype in LOW_PRECISION:
             master = p.detach().to(copy=True, **fp32)
             state["master"] = master
-        state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
         state["exp_avg"] = torch.zeros_like(p, **fp32)
         state["exp_avg_sq"] = torch.zeros_like(p, **fp32)
         for k in range(len(self.ema_rates)):
@@ -295,7 +290,7 @@ class FusedAdamEMA(Optimizer):
         buckets = {}
         for p in self._all_params():
             if p.grad is not None:
-                grad = _local(p.grad)
+                grad = local_tensor(p.grad)
                 buckets.setdefault(grad.dtype, []).append(grad)
         return buckets
 
@@ -308,7 +303,7 @@ class FusedAdamEMA(Optimizer):
         dimension both are all-reduced over the mesh, so every rank gets the global value.
         """
         buckets = self._grads_by_dtype()
-        device = _local(self._all_params()[0]).device
+        device = local_tensor(self._all_params()[0]).device
         inv_scale = None if loss_scale is None else inv_scale_from_loss_scale(loss_scale, device)
         _, grad_norm_sq_op = self._ops()
         results = [grad_norm_sq_op(grads, inv_scale) for grads in buckets.values()]
@@ -391,7 +386,7 @@ class FusedAdamEMA(Optimizer):
         params = group["params"]
         if not params:
             return
-        device = _local(params[0]).device
+        device = local_tensor(params[0]).device
         lr = group["lr"]
         lr = (lr.to(device=device, dtype=torch.float32) if isinstance(lr, torch.Tensor)
               else torch.full((), lr, dtype=torch.float32, device=device))
@@ -412,12 +407,12 @@ class FusedAdamEMA(Optimizer):
             states = [self.state[p] for p in bucket]
             low_precision = param_dtype in LOW_PRECISION
             adam_ema_op(
-                [_local(s["master"] if low_precision else p) for s, p in zip(states, bucket)],
-                [_local(p.grad) for p in bucket],
-                [_local(s["exp_avg"]) for s in states],
-                [_local(s["exp_avg_sq"]) for s in states],
-                [_local(s[f"ema{k}"]) for k in range(num_rates) for s in states],
-                [_local(p) for p in bucket] if low_precision else [],
+                [local_tensor(s["master"] if low_precision else p) for s, p in zip(states, bucket)],
+                [local_tensor(p.grad) for p in bucket],
+                [local_tensor(s["exp_avg"]) for s in states],
+                [local_tensor(s["exp_avg_sq"]) for s in states],
+                [local_tensor(s[f"ema{k}"]) for k in range(num_rates) for s in states],
+                [local_tensor(p) for p in bucket] if low_precision else [],
                 [s["step"] for s in states],
                 lr, beta1, beta2, group["eps"], group["weight_decay"], list(ema_rates),
                 inv_scale=inv_scale, clip_factor=clip_factor, found_inf=found_inf,
@@ -428,9 +423,9 @@ class FusedAdamEMA(Optimizer):
     def _move_emas_only(self, params, found_inf, ema_rates):
         """EMA update of parameters that got no gradient (they did not move)."""
         states = [self.state[p] for p in params]
-        masters = [_local(s.get("master", p)) for s, p in zip(states, params)]
+        masters = [local_tensor(s.get("master", p)) for s, p in zip(states, params)]
         for k, rate in enumerate(ema_rates):
-            lerp_emas_([_local(s[f"ema{k}"]) for s in states], masters, rate, found_inf)
+            lerp_emas_([local_tensor(s[f"ema{k}"]) for s in states], masters, rate, found_inf)
 
     # ---- checkpoints ------------------------------------------------------------------
     def load_state_dict(self, state_dict):
@@ -456,7 +451,7 @@ class FusedAdamEMA(Optimizer):
             if missing:
                 raise ValueError(f"state_dict lacks {sorted(missing)} for parameter {saved_id}")
             self.state[p] = {
-                key: (torch.as_tensor(value).to(device=_local(p).device, dtype=torch.float32,
+                key: (torch.as_tensor(value).to(device=local_tensor(p).device, dtype=torch.float32,
                                                 copy=True) if key == "step"
                       else value.to(device=p.device, dtype=torch.float32, copy=True))
                 for key, value in saved.items()

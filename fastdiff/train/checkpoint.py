@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 # GD's file format and the atomic writers; re-exported: callers import them from here too.
+from fastdiff.runtime import full_tensor, local_tensor
 from fastdiff.train.gd_format import (  # noqa: F401
     CheckpointError, adam_states_from_gd, atomic_torch_save, atomic_write_text,
     check_state_dict_fits, export_gd_files, gd_filenames, gd_optimizer_state_dict,
@@ -175,7 +176,6 @@ def prune_checkpoints(log_dir, keep_latest, ema_rates):
                 os.remove(p)
 
 
-
 # -------------------------------------------------------------- finding what to resume
 def find_resume_path(spec, log_dir, log_dir_given):
     """The checkpoint ``--resume_checkpoint spec`` names, or None to start fresh.
@@ -210,15 +210,6 @@ def check_resume_compatible(path, config_now, shape_flags):
 
 
 # ------------------------------------------------------------------- the manager
-def _full(t):
-    """The whole tensor of a DTensor shard (collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 @torch.no_grad()
 def copy_full_into(target, full):
     """Copy a full (unsharded) tensor into a parameter, EMA or state that may be a DTensor."""
@@ -309,7 +300,7 @@ class Checkpointer:
     def _on_rank0(self, tensor):
         """The full tensor on the CPU on rank 0, None elsewhere. ``full_tensor`` is a
         collective, so every rank calls this; only rank 0 keeps (and copies) the result."""
-        full = _full(tensor).detach()
+        full = full_tensor(tensor).detach()
         return full.cpu() if self.dist.is_main else None
 
     def _export_gd_files(self, step):
@@ -362,7 +353,7 @@ class Checkpointer:
             for k, spec in enumerate(self.ema_specs):
                 if spec.name in missing:
                     for e, p in zip(self.optimizer.get_ema_slot(k), self.params):
-                        _local(e).copy_(_local(p.detach()))
+                        local_tensor(e).copy_(local_tensor(p.detach()))
             log.info("EMAs %s not in the checkpoint: started from the model weights", missing)
         self.trainer.load_state_dict(meta)
         rank_state = load_rank_state(path, self.dist.rank)
@@ -392,7 +383,7 @@ class Checkpointer:
     def _load_gd(self, path):
         """Start from a GD model*.pt (fine-tuning): EMA/opt files beside it when present."""
         model_sd = load_state_dict_file(path)
-        reference = {k: _full(v) for k, v in self.model.state_dict().items()}
+        reference = {k: full_tensor(v) for k, v in self.model.state_dict().items()}
         check_state_dict_fits(model_sd, reference, path)
         self._load_full_into(self.params, model_sd)
         named = parse_gd_step(path)

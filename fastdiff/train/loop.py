@@ -23,12 +23,14 @@ import time
 import numpy as np
 import torch
 
+from fastdiff import config as C
 from fastdiff import power_ema
-from fastdiff.train import checkpoint as ckpt
 from fastdiff.optim.fused_adam_ema import clip_factor_from_norm
+from fastdiff.runtime import (all_reduce_sum_, any_rank, autocast, full_tensor,
+                              local_tensor)
+from fastdiff.train import checkpoint as ckpt
 from fastdiff.train.metrics import DeviceMeans, MetricLogger
 from fastdiff.train.optimizer import build_optimizer
-from fastdiff.runtime import all_reduce_sum_, any_rank, autocast
 from fastdiff.train.telemetry import Telemetry
 
 log = logging.getLogger("fastdiff")
@@ -38,15 +40,6 @@ INITIAL_LG_LOSS_SCALE = 20.0
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. a non-finite loss); the message names the step."""
-
-
-def _full(t):
-    """The whole tensor of a DTensor shard (collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Trainer:
@@ -69,8 +62,8 @@ class Trainer:
         self.batch_size = cfg.batch_size
         self.microbatch = cfg.microbatch if cfg.microbatch > 0 else cfg.batch_size
         self.global_batch = cfg.batch_size * dist_info.world_size
-        self.ema_rates = [float(r) for r in cfg.ema_rate.split(",") if r.strip()]
-        self.ema_stds = [float(s) for s in getattr(cfg, "ema_std", "").split(",") if s.strip()]
+        self.ema_rates = C.parse_ema_rates(cfg.ema_rate)
+        self.ema_stds = C.parse_ema_stds(getattr(cfg, "ema_std", ""))
         # Optimizer slots: fixed rates first, then power EMAs in --ema_std order.
         self.ema_specs = power_ema.ema_specs(self.ema_rates, self.ema_stds)
         self.ema_warmup = (power_ema.EmaWarmup(cfg.ema_inv_gamma, cfg.ema_power)
@@ -233,10 +226,8 @@ class Trainer:
         grad_norm = sum_sq.sqrt()
         clip = clip_factor_from_norm(grad_norm, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
             else None
-        ema_rates = self.ema_rates_for_step(self.step + 1)
-        extra = {} if ema_rates is None else {"ema_rates": ema_rates}  # GD's path: as before
         self.optimizer.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip,
-                            **extra)
+                            ema_rates=self.ema_rates_for_step(self.step + 1))
         taken = found_inf == 0
         # The loss-aware sampler learns from this step's losses once the step is judged, and
         # only from a taken step's finite ones: a NaN would poison its history for good. (GD
@@ -264,7 +255,7 @@ class Trainer:
         return taken
 
     def _param_norm(self):
-        params = [_local(p.detach()) for p in self.params]
+        params = [local_tensor(p.detach()) for p in self.params]
         sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float64)).square().sum()
         return all_reduce_sum_(sq).sqrt()
 
@@ -329,7 +320,7 @@ class Trainer:
         gathered in full: a collective under FSDP2, so every rank runs this. Without fixed
         rates, the first power EMA's."""
         ema = self.optimizer.get_ema_slot(0)
-        weights = {name: _full(t).detach() for name, t in zip(self.param_names, ema)}
+        weights = {name: full_tensor(t).detach() for name, t in zip(self.param_names, ema)}
         path = writer.write(self.step, weights, path)
         if path:
             log.info("sample grid: %s", path)

@@ -15,13 +15,9 @@ import torch.distributed as dist
 
 from fastdiff.optim.fused_adam_ema import (grad_norm_sq_foreach, inv_scale_from_loss_scale,
                                            lerp_emas_)
-from fastdiff.runtime import is_distributed
+from fastdiff.runtime import is_distributed, local_tensor
 
 log = logging.getLogger("fastdiff")
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _OptimizerPath:
@@ -77,8 +73,8 @@ class TorchAdamEMA(_OptimizerPath):
 
     @torch.no_grad()
     def grad_stats(self, loss_scale=None):
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
-        device = _local(self.params[0]).device
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        device = local_tensor(self.params[0]).device
         inv_scale = None if loss_scale is None else inv_scale_from_loss_scale(loss_scale, device)
         if grads:
             sum_sq, found_inf = grad_norm_sq_foreach(grads, inv_scale)
@@ -101,7 +97,7 @@ class TorchAdamEMA(_OptimizerPath):
         if clip_factor is not None and grads:
             torch._foreach_mul_(grads, clip_factor)
         if self.fused:
-            device = _local(self.params[0]).device
+            device = local_tensor(self.params[0]).device
             self.opt.grad_scale = (None if loss_scale is None else
                                    torch.as_tensor(loss_scale, device=device).float())
             self.opt.found_inf = None if found_inf is None else found_inf.float()
@@ -113,13 +109,13 @@ class TorchAdamEMA(_OptimizerPath):
             if found_inf is not None and found_inf.item() != 0:
                 return
             if loss_scale is not None and grads:
-                device = _local(self.params[0]).device
+                device = local_tensor(self.params[0]).device
                 torch._foreach_mul_(grads, inv_scale_from_loss_scale(loss_scale, device))
             self.opt.step()
             found_inf = None
-        locals_ = [_local(p.detach()) for p in self.params]
+        locals_ = [local_tensor(p.detach()) for p in self.params]
         for rate, ema in zip(rates, self.emas):
-            lerp_emas_([_local(e) for e in ema], locals_, rate, found_inf)
+            lerp_emas_([local_tensor(e) for e in ema], locals_, rate, found_inf)
 
     def get_ema(self, rate):
         return self.emas[self.ema_rates.index(rate)]
@@ -163,6 +159,7 @@ class FusedAdamEMAPath(_OptimizerPath):
         return self.opt.grad_norm_sq(loss_scale)
 
     def step(self, loss_scale=None, found_inf=None, clip_factor=None, ema_rates=None):
+        # Constant rates (None): the op's call is exactly what it was before per-step rates.
         extra = {} if ema_rates is None else {"ema_rates": ema_rates}
         self.opt.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip_factor,
                       **extra)
