@@ -4,6 +4,8 @@ The three dataclasses hold every flag of GD's ``scripts/image_train.py`` with GD
 (model, diffusion, training) plus fastdiff's own (kernels, precision, checkpoints). Each
 field's ``help`` metadata is its documentation and its ``--help`` text. The command line
 accepts GD's spelling and GD's boolean parsing, so an existing GD command line runs as is.
+GD's other models have theirs: :class:`ClassifierConfig` (``classifier_*.py``) and
+:class:`SuperResModelConfig` (``super_res_*.py``), with GD's factories below.
 """
 import argparse
 import dataclasses
@@ -13,6 +15,7 @@ from fastdiff.models.layers import ATTENTION_BACKENDS, NORM_BACKENDS
 from fastdiff.runtime import PRECISIONS
 
 OPTIMIZERS = ("fused", "torch")
+CLASSIFIER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 NOISE_SCHEDULES = ("linear", "cosine")
 
@@ -122,6 +125,56 @@ class DiffusionConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """GD's noisy-image classifier (``classifier_defaults``), plus fastdiff's channel_mult."""
+    image_size: int = _f(64, "side of the square images, in pixels")
+    classifier_use_fp16: bool = _f(False, "GD's fp16 flag for the classifier: here autocast fp16 (fp32 master weights)")
+    classifier_width: int = _f(128, "base channel count of the classifier")
+    classifier_depth: int = _f(2, "ResBlocks per resolution")
+    classifier_attention_resolutions: str = _f("32,16,8", "comma-separated feature-map sizes that get attention")
+    classifier_use_scale_shift_norm: bool = _f(True, "FiLM-style timestep conditioning in the ResBlocks")
+    classifier_resblock_updown: bool = _f(True, "ResBlocks for downsampling")
+    classifier_pool: str = _f("attention", "head: adaptive, attention, spatial or spatial_v2")
+    # fastdiff's (not in GD's classifier_defaults(), which accepts only 64/128/256/512)
+    classifier_channel_mult: str = _f("", "comma-separated channel multipliers; '' = GD's default for the image size")
+
+    def __post_init__(self):
+        _at_least("image_size", self.image_size, 1)
+        _at_least("classifier_width", self.classifier_width, 1)
+        _at_least("classifier_depth", self.classifier_depth, 1)
+        _one_of("classifier_pool", self.classifier_pool, CLASSIFIER_POOLS)
+
+
+# GD's sr_model_and_diffusion_defaults(): the image model's flags without image_size,
+# channel_mult and use_new_attention_order, plus the two sizes.
+_SR_DROPPED_MODEL_FLAGS = ("image_size", "channel_mult", "use_new_attention_order")
+
+
+def _sr_post_init(self):
+    _at_least("large_size", self.large_size, 2)
+    _at_least("small_size", self.small_size, 1)
+    if self.small_size >= self.large_size:
+        raise ConfigError(f"--small_size ({self.small_size}) must be below --large_size ({self.large_size})")
+    _at_least("num_channels", self.num_channels, 1)
+    _at_least("num_res_blocks", self.num_res_blocks, 1)
+    if not 0.0 <= self.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+SuperResModelConfig = dataclasses.make_dataclass(
+    "SuperResModelConfig",
+    [("large_size", int, _f(256, "side of the generated (high-resolution) images")),
+     ("small_size", int, _f(64, "side of the low-resolution images it conditions on"))]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+       for f in fields(ModelConfig) if f.name not in _SR_DROPPED_MODEL_FLAGS]
+    # fastdiff's: GD's super-res factory accepts only large_size 64/256/512.
+    + [("channel_mult", str, _f("", "comma-separated channel multipliers; '' = GD's default for large_size"))],
+    namespace={"__post_init__": _sr_post_init,
+               "__doc__": "GD's super-resolution model flags (sr_model_and_diffusion_defaults)."},
+)
+
+
+@dataclass
 class TrainConfig:
     """The training run (GD's image_train.py flags, then fastdiff's)."""
     data_dir: str = _f("", "image folder; '' = the embedded digits dataset with a small preset")
@@ -146,6 +199,9 @@ class TrainConfig:
     resume_checkpoint: str = _f("", "a GD model*.pt to start from, or 'latest' in --log_dir")
     fp16_scale_growth: float = _f(1e-3, "log2 loss-scale growth per good fp16 step")
     # fastdiff's own flags
+    class_dropout_prob: float = _f(0.0, "classifier-free guidance: probability that a training label becomes the "
+                                        "null class (one extra label-embedding row); class-conditional models only; "
+                                        "0 = off (GD's state_dict)")
     seed: int = _f(0, "random seed (torch, the timestep sampler, data order); each rank offsets it")
     deterministic: bool = _f(False, "bitwise-reproducible kernels across processes: one pinned config per shape "
                                     "for every autotuned Triton kernel (no timing), torch.use_deterministic_algorithms "
@@ -183,6 +239,8 @@ class TrainConfig:
         if self.device:
             _one_of("device", self.device, ("cuda", "cpu"))
         _at_least("batch_size", self.batch_size, 1)
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         # microbatch <= 0 means "off", as in GD (microbatch if microbatch > 0 else batch_size)
         for flag in ("lr", "weight_decay", "grad_clip", "lr_anneal_steps", "max_steps",
                      "keep_latest", "sample_interval", "ema_snapshot_interval", "lr_warmup_steps"):
@@ -226,9 +284,14 @@ def str2bool(v):
 
 
 def add_dataclass_arguments(parser, cls, defaults=None):
-    """Add one ``--name`` per field of ``cls`` (GD spelling; bare boolean flags mean True)."""
+    """Add one ``--name`` per field of ``cls`` (GD spelling; bare boolean flags mean True).
+    A name another class already added (``image_size`` of the model and the classifier)
+    stays one flag that both read, as in GD's merged defaults."""
     defaults = defaults or {}
+    taken = {action.dest for action in parser._actions}
     for f in fields(cls):
+        if f.name in taken:
+            continue
         default = defaults.get(f.name, f.default)
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if f.type in (bool, "bool"):
@@ -292,38 +355,89 @@ def resolve_backends(norm_backend="auto", attention_backend="auto", device_type=
     return norm_backend, attention_backend
 
 
-def create_model_and_diffusion(*, norm_backend="torch", attention_backend="math", **kwargs):
+def create_model_and_diffusion(*, norm_backend="torch", attention_backend="math",
+                               class_dropout_prob=0.0, **kwargs):
     """GD's ``create_model_and_diffusion``: same keywords, returns ``(model, diffusion)``.
 
     Called without backends (as GD code does), the model is GD's own module tree
     (torch GroupNorm, einsum attention), so numbers are GD's; the trainer passes the
-    backends it resolved.
+    backends it resolved. ``class_dropout_prob`` > 0 (fastdiff's classifier-free guidance)
+    adds the null-class embedding row to a class-conditional model.
     """
-    from fastdiff.diffusion import create_gaussian_diffusion
     from fastdiff.models import create_model
 
-    expected = model_and_diffusion_defaults()
-    unknown = sorted(set(kwargs) - set(expected))
-    if unknown:
-        raise TypeError(f"create_model_and_diffusion() got unexpected keywords: {', '.join(unknown)}")
-    missing = sorted(set(expected) - set(kwargs))
-    if missing:
-        raise TypeError(f"create_model_and_diffusion() missing keywords: {', '.join(missing)}")
+    _check_keywords("create_model_and_diffusion", kwargs, model_and_diffusion_defaults())
     model_keys = {f.name for f in fields(ModelConfig)}
     model = create_model(
         **{k: v for k, v in kwargs.items() if k in model_keys},
         learn_sigma=kwargs["learn_sigma"],
         norm_backend=norm_backend,
         attention_backend=attention_backend,
+        class_dropout_prob=class_dropout_prob,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=kwargs["diffusion_steps"],
-        learn_sigma=kwargs["learn_sigma"],
-        noise_schedule=kwargs["noise_schedule"],
-        use_kl=kwargs["use_kl"],
-        predict_xstart=kwargs["predict_xstart"],
-        rescale_timesteps=kwargs["rescale_timesteps"],
+    return model, _gaussian_diffusion(kwargs)
+
+
+def _check_keywords(func_name, kwargs, expected, optional=()):
+    unknown = sorted(set(kwargs) - set(expected) - set(optional))
+    if unknown:
+        raise TypeError(f"{func_name}() got unexpected keywords: {', '.join(unknown)}")
+    missing = sorted(set(expected) - set(kwargs))
+    if missing:
+        raise TypeError(f"{func_name}() missing keywords: {', '.join(missing)}")
+
+
+def _gaussian_diffusion(kwargs):
+    from fastdiff.diffusion import create_gaussian_diffusion
+    return create_gaussian_diffusion(
+        steps=kwargs["diffusion_steps"], learn_sigma=kwargs["learn_sigma"],
+        noise_schedule=kwargs["noise_schedule"], use_kl=kwargs["use_kl"],
+        predict_xstart=kwargs["predict_xstart"], rescale_timesteps=kwargs["rescale_timesteps"],
         rescale_learned_sigmas=kwargs["rescale_learned_sigmas"],
-        timestep_respacing=kwargs["timestep_respacing"],
-    )
-    return model, diffusion
+        timestep_respacing=kwargs["timestep_respacing"])
+
+
+def classifier_and_diffusion_defaults():
+    """GD's classifier + diffusion keyword defaults (GD's exact key set)."""
+    classifier = dataclasses.asdict(ClassifierConfig())
+    del classifier["classifier_channel_mult"]  # fastdiff's optional keyword
+    return {**classifier, **dataclasses.asdict(DiffusionConfig())}
+
+
+def create_classifier_and_diffusion(*, norm_backend="torch", attention_backend="math",
+                                    classifier_channel_mult="", **kwargs):
+    """GD's ``create_classifier_and_diffusion``: same keywords, returns
+    ``(classifier, diffusion)``; fastdiff's optional ``classifier_channel_mult`` and
+    backends (without them: GD's module tree and numbers)."""
+    from fastdiff.models.classifier import create_classifier
+
+    _check_keywords("create_classifier_and_diffusion", kwargs, classifier_and_diffusion_defaults())
+    classifier_keys = {f.name for f in fields(ClassifierConfig)}
+    classifier = create_classifier(
+        **{k: v for k, v in kwargs.items() if k in classifier_keys},
+        classifier_channel_mult=classifier_channel_mult,
+        norm_backend=norm_backend, attention_backend=attention_backend)
+    return classifier, _gaussian_diffusion(kwargs)
+
+
+def sr_model_and_diffusion_defaults():
+    """GD's super-resolution model + diffusion keyword defaults (GD's exact key set)."""
+    model = dataclasses.asdict(SuperResModelConfig())
+    del model["channel_mult"]  # fastdiff's optional keyword
+    return {**model, **dataclasses.asdict(DiffusionConfig())}
+
+
+def sr_create_model_and_diffusion(*, norm_backend="torch", attention_backend="math",
+                                  channel_mult="", class_dropout_prob=0.0, **kwargs):
+    """GD's ``sr_create_model_and_diffusion``: same keywords, returns ``(model, diffusion)``;
+    fastdiff's optional ``channel_mult``, ``class_dropout_prob`` and backends."""
+    from fastdiff.models.super_res import sr_create_model
+
+    _check_keywords("sr_create_model_and_diffusion", kwargs, sr_model_and_diffusion_defaults())
+    model_keys = {f.name for f in fields(SuperResModelConfig)}
+    model = sr_create_model(
+        **{k: v for k, v in kwargs.items() if k in model_keys},
+        learn_sigma=kwargs["learn_sigma"], channel_mult=channel_mult,
+        class_dropout_prob=class_dropout_prob,
+        norm_backend=norm_backend, attention_backend=attention_backend)
+    return model, _gaussian_diffusion(kwargs)

@@ -48,10 +48,14 @@ def save_grid(images, path, nrow=None):
 
 @torch.no_grad()
 def generate(model, diffusion, n, batch_size, image_size, device, *, class_cond, num_classes,
-             use_ddim, clip_denoised, precision="fp32", labels=None, progress=False):
+             use_ddim, clip_denoised, precision="fp32", labels=None, progress=False,
+             cond_fn=None, model_kwargs_fn=None):
     """Generate ``n`` images on this rank: (uint8 NHWC array, labels array or None).
 
-    ``progress``: show a tqdm bar over the batches.
+    ``progress``: show a tqdm bar over the batches. ``cond_fn``: GD's guidance gradient
+    ``cond_fn(x, t, **model_kwargs)`` (classifier guidance), passed to the sampler.
+    ``model_kwargs_fn(start, stop)``: more model inputs for images ``start:stop`` as a dict
+    of device tensors (e.g. the super-resolution model's ``low_res``).
     """
     images, all_labels = [], []
     sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
@@ -68,9 +72,11 @@ def generate(model, diffusion, n, batch_size, image_size, device, *, class_cond,
                     y = torch.randint(0, num_classes, (b,), device=device)
                 kwargs["y"] = y
                 all_labels.append(y.cpu().numpy())
+            if model_kwargs_fn is not None:
+                kwargs.update(model_kwargs_fn(done, done + b))
             with autocast(precision, device.type):
                 x = sample_fn(model, (b, 3, image_size, image_size), clip_denoised=clip_denoised,
-                              model_kwargs=kwargs, device=device)
+                              model_kwargs=kwargs, device=device, cond_fn=cond_fn)
             images.append(to_uint8_nhwc(x.float()).cpu().numpy())
             done += b
             bar.update()

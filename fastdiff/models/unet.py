@@ -46,6 +46,9 @@ class UNetModel(nn.Module):
     ``norm_backend`` ("torch" or "fused") and ``attention_backend`` ("math", "sdpa",
     "triton" or "xformers"); neither changes the parameters or state_dict keys.
 
+    ``null_class`` (fastdiff's, for classifier-free guidance) adds one label-embedding row:
+    label ``num_classes`` means "unconditional".
+
     ``use_checkpoint`` recomputes each block's activations in backward through
     ``torch.utils.checkpoint`` (non-reentrant, so it composes with torch.compile and FSDP2).
     ``use_fp16`` is accepted for GD compatibility; ``convert_to_fp16()`` casts the torso's
@@ -59,7 +62,7 @@ class UNetModel(nn.Module):
                  dims=2, num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
                  resblock_updown=False, use_new_attention_order=False, norm_backend="torch",
-                 attention_backend="math"):
+                 attention_backend="math", null_class=False):
         super().__init__()
         _check_backend("norm", norm_backend, NORM_BACKENDS)
         _check_backend("attention", attention_backend, ATTENTION_BACKENDS)
@@ -92,8 +95,11 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim),
         )
+        # Classifier-free guidance: one extra embedding row, label ``num_classes``, stands for
+        # "no class" (fastdiff's; without it the state_dict is GD's).
+        self.null_class = num_classes if (null_class and num_classes is not None) else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = nn.Embedding(num_classes + (self.null_class is not None), time_embed_dim)
 
         def res_block(channels, out_channels=None, up=False, down=False):
             return ResBlock(channels, time_embed_dim, dropout, out_channels=out_channels, dims=dims,
@@ -233,13 +239,14 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
                  class_cond=False, use_checkpoint=False, attention_resolutions="16", num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
                  dropout=0.0, resblock_updown=False, use_fp16=False, use_new_attention_order=False,
-                 norm_backend="torch", attention_backend="math"):
+                 norm_backend="torch", attention_backend="math", class_dropout_prob=0.0):
     """Build a :class:`UNetModel` from GD's image-model flags (``script_util.create_model``).
 
     ``channel_mult`` "" picks the default for ``image_size`` (32, 64, 128, 256, 512);
     ``attention_resolutions`` are feature-map sizes ("16,8") turned into downsample rates;
     3 input channels, 6 outputs with ``learn_sigma`` (mean and variance) else 3, and
-    1000 classes with ``class_cond``.
+    1000 classes with ``class_cond``. ``class_dropout_prob`` > 0 (fastdiff's classifier-free
+    guidance) adds the null-class row to a class-conditional model.
     """
     return UNetModel(
         image_size=image_size,
@@ -261,4 +268,5 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         use_new_attention_order=use_new_attention_order,
         norm_backend=norm_backend,
         attention_backend=attention_backend,
+        null_class=class_cond and class_dropout_prob > 0,
     )
