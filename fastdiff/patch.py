@@ -23,6 +23,11 @@ classes work as well as fastdiff's torch-backend UNet, which has the same module
   scale/shift and SiLU → one op (an instance-level ``_forward`` with GD's math);
 * GD ``AttentionBlock``: ``norm`` → the op without activation; ``attention``
   (``QKVAttentionLegacy``/``QKVAttention``) → ``qkv_attention``;
+* GD ``AttentionPool2d`` (the classifier's attention head): its ``attention`` →
+  ``qkv_attention`` (HW + 1 tokens). The rest of GD's classifier (``EncoderUNetModel``) is
+  covered above: ResBlocks, AttentionBlocks, the norm + SiLU of the adaptive/attention
+  heads and spatial_v2's GroupNorm + SiLU over a [N, 2048] vector are plain Sequentials;
+  ``SuperResModel`` is a UNet;
 * diffusers ``ResnetBlock2D`` with a SiLU nonlinearity: norm1 + SiLU and norm2 (+ the
   ``scale_shift`` time embedding) + SiLU → the op (an instance-level forward with
   diffusers' math); the ``conv_norm_out`` + ``conv_act`` head of ``UNet2DModel`` and
@@ -57,6 +62,8 @@ KERNELS = ("group_norm_silu", "attention")
 # a module, parameter or buffer, so state_dict and parameters() never see it).
 _RECORDS_ATTR = "_fastdiff_patches"
 _GD_QKV_CLASSES = ("QKVAttentionLegacy", "QKVAttention")
+# GD modules that hold a QKV attention as ``attention``.
+_GD_ATTENTION_HOLDERS = ("AttentionBlock", "AttentionPool2d")
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,13 +339,22 @@ def _diffusers_types():
 
 
 def _gd_attention_module(block):
-    """The QKV attention child of a GD-style AttentionBlock, or None."""
-    if type(block).__name__ != "AttentionBlock":
+    """The QKV attention child of a GD-style AttentionBlock or AttentionPool2d, or None."""
+    if type(block).__name__ not in _GD_ATTENTION_HOLDERS:
         return None
     attention = getattr(block, "attention", None)
     if type(attention).__name__ not in _GD_QKV_CLASSES or not hasattr(attention, "n_heads"):
         return None
     return attention
+
+
+def _gd_attention_width(block):
+    """The channels a GD attention holder splits into heads (None when unknown):
+    AttentionBlock's ``channels``; an AttentionPool2d's embedding width, its qkv_proj input
+    (GD's pool keeps no width attribute)."""
+    if type(block).__name__ == "AttentionPool2d":
+        return getattr(getattr(block, "qkv_proj", None), "in_channels", None)
+    return getattr(block, "channels", None)
 
 
 def _is_gd_resblock(block):
@@ -425,7 +441,7 @@ class _Patcher:
             if attention:
                 self._patch_diffusers_attention(path, module)
         elif _gd_attention_module(module) is not None:
-            if norms:
+            if norms and type(module).__name__ == "AttentionBlock":  # a pool has no norm
                 self._patch_standalone_norm(_join(path, "norm"), module, "norm")
             if attention:
                 self._patch_gd_attention(path, module)
@@ -550,9 +566,10 @@ class _Patcher:
         if isinstance(attention, MultiHeadQKVAttention) and attention.backend == "triton":
             self._already(here, attention, "already runs qkv_attention")
             return
-        channels = getattr(block, "channels", None)
+        channels = _gd_attention_width(block)
         if channels is None or channels % attention.n_heads:
-            self._left(here, attention, "head dim unknown (AttentionBlock without channels)")
+            self._left(here, attention, f"head dim unknown ({type(block).__name__} without "
+                                        "a width divisible by its heads)")
             return
         head_dim = channels // attention.n_heads
         if head_dim > TRITON_MAX_HEAD_DIM:

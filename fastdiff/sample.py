@@ -5,6 +5,8 @@ GD's image_sample.py flags (the model flags, --model_path, --num_samples, --batc
 NHWC, plus the labels when class-conditional: GD's format) and ``samples_grid.png``.
 Under torchrun the ranks split the work and rank 0 gathers and writes. Model flags that are
 not given are read from the config.json that training leaves beside the checkpoints.
+``--guidance_scale s`` (fastdiff's) samples a model trained with ``--class_dropout_prob``
+with classifier-free guidance (fastdiff/guidance.py); the files are the same.
 """
 import dataclasses
 import logging
@@ -32,6 +34,9 @@ class SampleConfig:
     batch_size: int = C._f(16, "images per rank per sampling batch")
     use_ddim: bool = C._f(False, "DDIM (eta 0) instead of ancestral sampling")
     clip_denoised: bool = C._f(True, "clip the predicted x_0 to [-1, 1]")
+    guidance_scale: float = C._f(1.0, "classifier-free guidance scale s: eps_u + s*(eps_c - eps_u); "
+                                      "1 = plain conditional sampling; != 1 needs a model trained "
+                                      "with --class_dropout_prob > 0")
     num_classes: int = C._f(0, "class labels are drawn from [0, N); 0 = from the run's config.json, else 1000")
     log_dir: str = C._f("", "output folder; '' = $OPENAI_LOGDIR or the model's folder")
     seed: int = C._f(0, "random seed (each rank offsets it)")
@@ -77,14 +82,14 @@ def _main(argv):
             (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
         torch.manual_seed(scfg.seed + dist_info.rank)
         per_rank = -(-scfg.num_samples // dist_info.world_size)
-        log.info("sampling %d images (%s, %s steps) on %d rank(s)", scfg.num_samples,
-                 "DDIM" if scfg.use_ddim else "ancestral", diffusion.num_timesteps,
-                 dist_info.world_size)
+        log.info("sampling %d images (%s, %s steps, guidance scale %g) on %d rank(s)",
+                 scfg.num_samples, "DDIM" if scfg.use_ddim else "ancestral",
+                 diffusion.num_timesteps, scfg.guidance_scale, dist_info.world_size)
         images, labels = generate(model, diffusion, per_rank, scfg.batch_size,
                                   model_cfg.image_size, dist_info.device,
                                   class_cond=model_cfg.class_cond, num_classes=num_classes,
                                   use_ddim=scfg.use_ddim, clip_denoised=scfg.clip_denoised,
-                                  precision=scfg.precision,
+                                  precision=scfg.precision, guidance_scale=scfg.guidance_scale,
                                   progress=progress_enabled(scfg.no_progress, dist_info.is_main))
         if dist_info.distributed:
             parts = [None] * dist_info.world_size

@@ -15,7 +15,8 @@ import torch
 
 from fastdiff import config as C
 from fastdiff.diffusion import create_gaussian_diffusion
-from fastdiff.models.unet import NUM_CLASSES  # noqa: F401  (GD's ImageNet class count)
+from fastdiff.guidance import ClassifierFreeGuidance
+from fastdiff.models.unet import NUM_CLASSES  # GD's ImageNet class count
 from fastdiff.runtime import autocast
 from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
 from fastdiff.train.telemetry import ProgressBar
@@ -49,14 +50,19 @@ def save_grid(images, path, nrow=None):
 @torch.no_grad()
 def generate(model, diffusion, n, batch_size, image_size, device, *, class_cond, num_classes,
              use_ddim, clip_denoised, precision="fp32", labels=None, progress=False,
-             cond_fn=None, model_kwargs_fn=None):
+             cond_fn=None, model_kwargs_fn=None, guidance_scale=1.0):
     """Generate ``n`` images on this rank: (uint8 NHWC array, labels array or None).
 
     ``progress``: show a tqdm bar over the batches. ``cond_fn``: GD's guidance gradient
     ``cond_fn(x, t, **model_kwargs)`` (classifier guidance), passed to the sampler.
     ``model_kwargs_fn(start, stop)``: more model inputs for images ``start:stop`` as a dict
-    of device tensors (e.g. the super-resolution model's ``low_res``).
+    of device tensors (e.g. the super-resolution model's ``low_res``). ``guidance_scale``:
+    classifier-free guidance (fastdiff/guidance.py); 1 samples the model as it is, anything
+    else needs a class-conditional model with the null-class row (a GuidanceError
+    otherwise).
     """
+    if guidance_scale != 1.0:  # at 1 the model runs unwrapped: plain conditional sampling
+        model = ClassifierFreeGuidance(model, guidance_scale)
     images, all_labels = [], []
     sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     bar = ProgressBar(-(-n // batch_size), enabled=progress, unit="batch")
@@ -149,15 +155,38 @@ def fill_model_flags_from_run(args, given, model_path):
 def load_model(model_path, model_cfg, diff_cfg, norm_backend, attention_backend, device,
                precision="fp32"):
     """(model in eval mode on ``device``, diffusion) with the weights of a GD-format file;
-    a missing file or one that does not fit the flags fails with CheckpointError."""
+    a missing file or one that does not fit the flags fails with CheckpointError.
+
+    A checkpoint of a run with label dropout gets the null-class row of classifier-free
+    guidance by itself (:func:`checkpoint_class_dropout_prob`)."""
     state = load_state_dict_file(model_path)  # a missing file fails before the model is built
     norm_b, attn_b = C.resolve_backends(norm_backend, attention_backend, device.type, precision)
     model, diffusion = C.create_model_and_diffusion(
         **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
-        norm_backend=norm_b, attention_backend=attn_b)
+        norm_backend=norm_b, attention_backend=attn_b,
+        class_dropout_prob=checkpoint_class_dropout_prob(model_path, state))
     check_state_dict_fits(state, model.state_dict(), model_path)
     model.load_state_dict(state)
     return model.to(device).eval(), diffusion
+
+
+# Any p > 0 builds the null-class row, and sampling never drops labels: the stand-in for a
+# checkpoint whose row is known only from its shape.
+NULL_ROW_STAND_IN_DROPOUT = 0.1
+
+
+def checkpoint_class_dropout_prob(model_path, state):
+    """The ``class_dropout_prob`` to build ``model_path``'s model with (> 0 adds the
+    null-class row): the run's, from the config.json beside it; without one (or from a run
+    that predates the flag), a stand-in > 0 when the state_dict's label table has
+    NUM_CLASSES + 1 rows, else 0. A file that fits neither fails the shape check after."""
+    run_cfg = read_run_config(model_path)
+    if "class_dropout_prob" in run_cfg:
+        return float(run_cfg["class_dropout_prob"])
+    label_table = state.get("label_emb.weight") if isinstance(state, dict) else None
+    if label_table is not None and label_table.shape[0] == NUM_CLASSES + 1:
+        return NULL_ROW_STAND_IN_DROPOUT
+    return 0.0
 
 
 def write_samples_npz(images, labels, out_dir):

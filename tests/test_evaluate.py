@@ -440,3 +440,66 @@ def test_real_fid_with_a_local_weights_file(tmp_path, capsys, monkeypatch):
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert isinstance(result["fid"], float) and result["fid"] > 0
+
+
+# -- classifier-free guidance -----------------------------------------------------------
+
+def digits_run_with_label_dropout(tmp_path, class_dropout_prob=0.1):
+    """A tiny class-conditional digits model's checkpoint and config.json; with p > 0 it has
+    the null-class row (known to the loader from the config.json alone)."""
+    model, _, kw = tiny_model(class_cond=True, class_dropout_prob=class_dropout_prob)
+    checkpoint = tmp_path / "ema_0.9999_000004.pt"
+    torch.save(model.state_dict(), checkpoint)
+    (tmp_path / "config.json").write_text(json.dumps({**kw, "data_dir": ""}))
+    return checkpoint
+
+
+def test_cli_scores_the_digits_at_each_guidance_scale(tmp_path, classifier_cache, monkeypatch,
+                                                      capsys):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(classifier_cache[0]))
+    checkpoint = digits_run_with_label_dropout(tmp_path)
+    generated = []
+    real_generate = cli.generate
+
+    def recording_generate(*args, labels=None, guidance_scale=1.0, **kwargs):
+        with labels_seen_by_the_unet() as seen:
+            images, returned = real_generate(*args, labels=labels,
+                                             guidance_scale=guidance_scale, **kwargs)
+        generated.append(dict(scale=guidance_scale, labels=labels.copy(), seen=seen,
+                              images=images))
+        return images, returned
+
+    monkeypatch.setattr(cli, "generate", recording_generate)
+    rc = cli.main(["--model_path", str(checkpoint), "--guidance_scale", "1,3",
+                   "--out", str(tmp_path / "eval.json")] + QUICK_EVAL)
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    plain, guided = generated
+    assert (plain["scale"], guided["scale"]) == (1.0, 3.0)
+    assert np.array_equal(plain["labels"], guided["labels"])  # the same requests per scale
+    assert all(len(y) == 16 and y.max() < 10 for y in plain["seen"][:3])  # s = 1: one half
+    assert all(y[16:].tolist() == [1000] * 16 for y in guided["seen"][:3])  # s = 3: null half
+    assert np.abs(plain["images"].astype(int) - guided["images"]).mean() > 2
+
+    per_scale = result["digits_by_guidance_scale"]
+    assert [entry["guidance_scale"] for entry in per_scale] == [1.0, 3.0]
+    for entry in per_scale:
+        assert 0 <= entry["accuracy"] <= 1 and entry["fd"] > 0 and entry["num_samples"] == 20
+    assert per_scale[0]["fd"] != per_scale[1]["fd"]
+    # "digits" keeps its meaning: the first scale's scores, which a default run reproduces.
+    assert {k: v for k, v in per_scale[0].items() if k != "guidance_scale"} == result["digits"]
+    rc = cli.main(["--model_path", str(checkpoint), "--out", str(tmp_path / "plain.json")]
+                  + QUICK_EVAL)
+    assert rc == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["digits"] == result["digits"] and default["val_loss"] == result["val_loss"]
+    assert [e["guidance_scale"] for e in default["digits_by_guidance_scale"]] == [1.0]
+
+
+def test_guidance_scales_need_the_null_row_and_numbers(tmp_path, capsys):
+    checkpoint = digits_run_with_label_dropout(tmp_path, class_dropout_prob=0.0)
+    for scales, expected in (("1,2", "--class_dropout_prob > 0"), ("1,x", "--guidance_scale")):
+        rc = cli.main(["--model_path", str(checkpoint), "--guidance_scale", scales] + QUICK_EVAL)
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("eval_*.json"))  # nothing written

@@ -257,6 +257,178 @@ def test_gd_attention_with_wide_heads_is_left_alone():
 
 
 # ---------------------------------------------------------------------------------------
+# guided-diffusion's classifier (EncoderUNetModel) and super-res model (SuperResModel)
+# ---------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from fastdiff.models.classifier import AttentionPool2d, EncoderUNetModel  # noqa: E402
+from fastdiff.models.layers import MultiHeadQKVAttention  # noqa: E402
+from fastdiff.models.super_res import SuperResModel  # noqa: E402
+
+# The module trees patched: fastdiff's torch-backend classes (GD's tree; always) and GD's own
+# classes when FASTDIFF_GD_CHECKOUT names a guided-diffusion checkout (CI has none).
+GD_CHECKOUT = os.environ.get("FASTDIFF_GD_CHECKOUT")
+MODEL_SOURCES = ["fastdiff", "gd_checkout"]
+
+
+def model_classes(source):
+    """(EncoderUNetModel, SuperResModel) of fastdiff (torch backend) or of GD's checkout."""
+    if source == "fastdiff":
+        return EncoderUNetModel, SuperResModel
+    if not GD_CHECKOUT:
+        pytest.skip("set FASTDIFF_GD_CHECKOUT to a guided-diffusion checkout to patch GD's classes")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+    from gd_checkout import import_guided_diffusion
+
+    unet = import_guided_diffusion(GD_CHECKOUT).unet
+    return unet.EncoderUNetModel, unet.SuperResModel
+
+
+# 64 channels (two per GroupNorm group), attention at 4x4 with 32-channel heads; the attention
+# pool attends over 4x4 + 1 = 17 tokens with 4 heads.
+CLASSIFIER_BASE = dict(image_size=8, in_channels=3, model_channels=64, out_channels=5,
+                       num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                       num_head_channels=32, dropout=0.1)
+CLASSIFIER_VARIANTS = {
+    "adaptive+scale_shift": dict(pool="adaptive", use_scale_shift_norm=True),
+    "attention+updown": dict(pool="attention", resblock_updown=True),
+    "spatial": dict(pool="spatial"),
+    "spatial_v2+scale_shift+updown": dict(pool="spatial_v2", use_scale_shift_norm=True,
+                                          resblock_updown=True),
+}
+# What each head adds to the report: its norm + SiLU, the pool's attention.
+HEAD_REPLACEMENTS = {"adaptive": {"out.0"}, "attention": {"out.0", "out.2.attention"},
+                     "spatial": set(), "spatial_v2": {"out.1"}}
+SR_KWARGS = dict(image_size=8, in_channels=3, model_channels=64, out_channels=6, num_res_blocks=1,
+                 attention_resolutions=(2,), dropout=0.1, channel_mult=(1, 2), num_heads=4,
+                 use_scale_shift_norm=True, resblock_updown=True)
+
+
+def classifier(cls, variant, **backends):
+    torch.manual_seed(0)
+    return cls(**CLASSIFIER_BASE, **CLASSIFIER_VARIANTS[variant], **backends)
+
+
+def classifier_inputs():
+    return (torch.randn(3, 3, 8, 8) + 0.3).requires_grad_(), torch.tensor([1.0, 40.0, 900.0])
+
+
+def guidance_grad(model, x, t, y=torch.tensor([0, 3, 4])):
+    """d/dx sum log_softmax(model(x, t))[i, y_i], what classifier guidance asks of a model."""
+    x = x.detach().requires_grad_()
+    log_probs = torch.log_softmax(model(x, t), dim=-1)
+    return torch.autograd.grad(log_probs[range(len(y)), y].sum(), x)[0]
+
+
+def expected_replacements(model):
+    """Every path patch() should report for a GD-style model built with GD's modules."""
+    expected = set()
+    for path, module in model.named_modules():
+        if type(module).__name__ == "ResBlock":
+            expected |= {f"{path}.in_layers.0",
+                         path if module.use_scale_shift_norm else f"{path}.out_layers.0"}
+        elif type(module).__name__ == "AttentionBlock":
+            expected |= {f"{path}.norm", f"{path}.attention"}
+    return expected
+
+
+@pytest.mark.parametrize("source", MODEL_SOURCES)
+@pytest.mark.parametrize("variant", list(CLASSIFIER_VARIANTS))
+def test_gd_classifier_patch_matches_and_unpatch_restores(source, variant):
+    cls, _ = model_classes(source)
+    model = perturb(classifier(cls, variant))
+    x, t = classifier_inputs()
+    model.eval()
+    guidance = guidance_grad(model, x, t)
+
+    report = check_patch_roundtrip(model, (x, t))
+    pool = CLASSIFIER_VARIANTS[variant]["pool"]
+    assert paths(report.replaced) == expected_replacements(model) | HEAD_REPLACEMENTS[pool]
+    assert not report.left_alone, str(report)
+
+    # Classifier guidance through the patched kernels: the input gradient of log p(y|x) in
+    # eval mode is unchanged; unpatching brings back the exact original.
+    model.eval()
+    patch(model)
+    assert_runs_match([guidance_grad(model, x, t)], [guidance], ["guidance grad"])
+    unpatch(model)
+    assert torch.equal(guidance_grad(model, x, t), guidance)
+
+
+@pytest.mark.parametrize("source", MODEL_SOURCES)
+@pytest.mark.parametrize("variant", list(CLASSIFIER_VARIANTS))
+def test_gd_classifier_patched_equals_fused_backend(source, variant):
+    cls, _ = model_classes(source)
+    model = perturb(classifier(cls, variant)).eval()
+    fused = classifier(EncoderUNetModel, variant, norm_backend="fused",
+                       attention_backend="triton").eval()
+    fused.load_state_dict(model.state_dict(), strict=True)
+    x, t = classifier_inputs()
+    reference = run(fused, x, t)
+    patch(model)
+    assert_runs_match(run(model, x, t), reference, run_names(model, 1))
+    assert_runs_match([guidance_grad(model, x, t)], [guidance_grad(fused, x, t)], ["guidance grad"])
+    # No GroupNorm or GD attention is left, and fastdiff's kernels sit at the paths where a
+    # classifier built with the fused backends has them.
+    leftovers = [p for p, m in model.named_modules() if isinstance(m, nn.GroupNorm) or (
+        type(m).__name__ in ("QKVAttention", "QKVAttentionLegacy")
+        and not (isinstance(m, MultiHeadQKVAttention) and m.backend == "triton"))]
+    assert not leftovers
+
+    def kernels(net):
+        return {p: (type(m), getattr(m, "backend", None)) for p, m in net.named_modules()
+                if isinstance(m, (GroupNormAct, MultiHeadQKVAttention))}
+
+    assert kernels(model) == kernels(fused)
+
+
+def test_gd_attention_pool_patch_and_wide_heads():
+    torch.manual_seed(0)
+    pool = AttentionPool2d(4, 128, 64, output_dim=5)  # 17 tokens, 2 heads of 64
+    tokens = torch.randn(2, 128, 4, 4, requires_grad=True)
+    reference = run(pool, tokens)
+    report = patch(pool)
+    assert paths(report.replaced) == {"attention"} and "head_dim=64" in report.replaced[0].detail
+    assert pool.attention.backend == "triton"
+    assert_runs_match(run(pool, tokens), reference, run_names(pool, 1))
+    again = patch(pool)
+    assert paths(again.already_patched) == {"attention"} and not again.replaced
+    unpatch(pool)
+    assert pool.attention.backend == "math"
+    built_fused = AttentionPool2d(4, 128, 64, output_dim=5, attention_backend="triton")
+    assert paths(patch(built_fused).already_patched) == {"attention"}
+
+    wide = AttentionPool2d(4, 256, 256, output_dim=5)  # one 256-channel head
+    report = patch(wide)
+    (entry,) = report.left_alone
+    assert entry.path == "attention" and "head dim 256 > 128" in entry.detail
+    assert wide.attention.backend == "math" and not report.replaced
+
+
+@pytest.mark.parametrize("source", MODEL_SOURCES)
+def test_gd_super_res_patch_matches_and_unpatch_restores(source):
+    _, cls = model_classes(source)
+    torch.manual_seed(0)
+    model = perturb(cls(**SR_KWARGS))
+    x = (torch.randn(2, 3, 8, 8) + 0.3).requires_grad_()
+    low_res = (torch.randn(2, 3, 5, 5) - 0.2).requires_grad_()
+    report = check_patch_roundtrip(model, (x, torch.tensor([3.0, 700.0]), low_res))
+    assert paths(report.replaced) == expected_replacements(model) | {"out.0"}
+    assert not report.left_alone, str(report)
+
+    torch.manual_seed(0)
+    fused = SuperResModel(**SR_KWARGS, norm_backend="fused", attention_backend="triton").eval()
+    fused.load_state_dict(model.state_dict(), strict=True)
+    model.eval()
+    patch(model)
+    inputs = (x, torch.tensor([3.0, 700.0]), low_res)
+    assert_runs_match(run(model, *inputs), run(fused, *inputs), run_names(model, 2))
+
+
+
+# ---------------------------------------------------------------------------------------
 # diffusers
 # ---------------------------------------------------------------------------------------
 

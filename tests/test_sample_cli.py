@@ -7,6 +7,7 @@ import torch
 
 from fastdiff import config as C
 from fastdiff import sample
+from fastdiff.guidance import ClassifierFreeGuidance
 from fastdiff.models.unet import UNetModel
 from fastdiff.sampling import to_uint8_nhwc
 
@@ -96,3 +97,48 @@ def test_wrong_model_flags_name_the_key(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not fit the model" in err and err.count("\n") == 1
+
+
+def test_guidance_scale_samples_guided_images_in_gd_format(tmp_path, monkeypatch):
+    """A run with label dropout (the null-class row, known from its config.json) sampled
+    with --guidance_scale 3: one doubled forward per step whose second half is the null
+    label, and the stored images are the guided DDIM images of the stored labels."""
+    path, kw = make_checkpoint(tmp_path, class_dropout_prob=0.1)
+    (tmp_path / "config.json").write_text(json.dumps({**kw, "data_dir": ""}))
+    calls = record_unet_calls(monkeypatch)
+    args = ["--model_path", str(path), "--num_samples", "3", "--batch_size", "2", "--use_ddim",
+            "--timestep_respacing", "ddim4"]
+    rc = sample.main(args + ["--guidance_scale", "3", "--log_dir", str(tmp_path / "guided")])
+    assert rc == 0
+    data = np.load(tmp_path / "guided" / "samples_3x16x16x3.npz")
+    images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (3, 16, 16, 3) and labels.shape == (3,) and labels.max() < 10
+    assert (tmp_path / "guided" / "samples_grid.png").is_file()
+
+    assert len(calls) == 2 * 4  # batches of 2 and 1, four steps, one forward per step
+    _, diffusion = C.create_model_and_diffusion(**{**kw, "timestep_respacing": "ddim4"})
+    done = 0
+    for model, x_T, _, y in calls[::4]:
+        n = len(x_T) // 2
+        assert y.tolist() == labels[done:done + n].tolist() + [model.null_class] * n
+        guided = ClassifierFreeGuidance(model, 3.0)
+        assert np.array_equal(ddim_images(guided, diffusion, x_T[:n], labels[done:done + n]),
+                              images[done:done + n])
+        done += n
+    assert done == 3
+
+    rc = sample.main(args + ["--log_dir", str(tmp_path / "plain")])  # s = 1, the same seed
+    plain = np.load(tmp_path / "plain" / "samples_3x16x16x3.npz")
+    assert np.array_equal(plain["arr_1"], labels)
+    assert np.abs(plain["arr_0"].astype(int) - images).mean() > 2  # guidance changed them
+
+
+def test_guidance_scale_without_the_null_row_exits_2_with_one_line(tmp_path, capsys):
+    path, kw = make_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**kw, "data_dir": ""}))
+    rc = sample.main(["--model_path", str(path), "--num_samples", "2", "--guidance_scale", "2",
+                      "--log_dir", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--class_dropout_prob > 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -97,3 +97,25 @@ def test_the_counter_sees_reads():
         [1, 2, 3][t.long()[0]]
         torch.tensor(1.0), torch.as_tensor([2.0]), torch.as_tensor(t)
     assert sorted(set(mode.reads)) == sorted(READS + tuple(f"{n}(host data)" for n in FROM_HOST))
+
+
+def test_classifier_step_makes_no_host_read():
+    """GD's classifier_train step (fastdiff/train/objectives.py): whole-batch q_sample,
+    microbatches weighted to the batch mean, accuracy metrics, no EMA; fp16 loss scaling."""
+    from fastdiff.train.objectives import ClassifierObjective, ClassifierSchedule
+    for precision in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        kw = C.classifier_and_diffusion_defaults()
+        kw.update(image_size=16, classifier_width=32, classifier_depth=1,
+                  classifier_attention_resolutions="8", diffusion_steps=50)
+        model, diffusion = C.create_classifier_and_diffusion(**kw, classifier_channel_mult="1,2")
+        cfg = types.SimpleNamespace(
+            batch_size=4, microbatch=2, precision=precision, optimizer="fused", lr=1e-4,
+            weight_decay=0.0, max_steps=0, grad_clip=1.0, log_interval=10, save_interval=10**6,
+            skip_nonfinite=False, keep_latest=0, fp16_scale_growth=1e-3)
+        sampler = create_named_schedule_sampler("uniform", diffusion, seed=0)
+        trainer = Trainer(model=model, diffusion=diffusion, data=None, schedule_sampler=sampler,
+                          cfg=cfg, dist_info=DistInfo(), log_dir=None, metrics_table=False,
+                          objective=ClassifierObjective(diffusion, sampler),
+                          schedule=ClassifierSchedule(cfg.lr, 1000, anneal_lr=True))
+        assert [r for r in reads_per_step(trainer) if r] == [], precision

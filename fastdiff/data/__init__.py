@@ -1,4 +1,5 @@
 """Training data: GD-compatible image folders and the embedded digits, as a resumable stream."""
+from .conditioning import ConditionedStream, add_conditioning, area_downsample, drop_labels
 from .digits import DigitsDataset
 from .image_folder import (
     DataError,
@@ -11,12 +12,16 @@ from .image_folder import (
 from .loader import DataStream, load_data
 
 __all__ = [
+    "ConditionedStream",
     "DataError",
     "DataStream",
     "DigitsDataset",
     "ImageFolderDataset",
     "UnreadableImage",
+    "add_conditioning",
+    "area_downsample",
     "class_labels",
+    "drop_labels",
     "list_image_files",
     "load_data",
     "resize_and_center_crop",

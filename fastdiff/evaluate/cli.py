@@ -4,8 +4,10 @@
 the embedded digits: class-consistency accuracy, Fréchet distance and KID of DDIM samples in
 a small digits classifier's feature space; (3) real FID, only with --inception_weights.
 Model flags that are not given are read from the config.json beside the checkpoint, as
-``fastdiff.sample`` does. The JSON goes to stdout and to --out (default: beside the
-checkpoint, ``eval_<checkpoint name>.json``); progress goes to stderr.
+``fastdiff.sample`` does. ``--guidance_scale 1,2,4`` scores the digits samples at each
+classifier-free guidance scale (same noise, same labels) under ``digits_by_guidance_scale``;
+``digits`` holds the first scale's scores. The JSON goes to stdout and to --out (default:
+beside the checkpoint, ``eval_<checkpoint name>.json``); progress goes to stderr.
 """
 import dataclasses
 import json
@@ -18,6 +20,7 @@ import torch
 
 from fastdiff import config as C
 from fastdiff.data import class_labels, list_image_files
+from fastdiff.guidance import parse_guidance_scales, require_null_class
 from fastdiff.runtime import logger_restored
 from fastdiff.sampling import fill_model_flags_from_run, generate, load_model, respaced_diffusion
 from fastdiff.train.checkpoint import atomic_write_text
@@ -44,6 +47,8 @@ class EvalConfig:
     num_samples: int = C._f(500, "digits samples to score (classes balanced); 0 = skip part (2)")
     sample_steps: int = C._f(50, "sampling steps (respaced; at most the model's diffusion_steps)")
     use_ddim: bool = C._f(False, "DDIM (eta 0) instead of ancestral sampling (GD's image_sample flag)")
+    guidance_scale: str = C._f("1.0", "classifier-free guidance scales to score, comma-separated (e.g. 1,2,4); "
+                                      "!= 1 needs a model trained with --class_dropout_prob > 0")
     kid_subsets: int = C._f(100, "KID: number of random subsets")
     kid_subset_size: int = C._f(1000, "KID: subset size (capped at the number of images)")
     inception_weights: str = C._f("", "local Inception-v3 weights file: computes real FID (needs torch-fidelity)")
@@ -83,6 +88,7 @@ def evaluate(argv):
     if not args.model_path:
         raise ValueError("--model_path is required")
     _check_flags(args)
+    scales = parse_guidance_scales(args.guidance_scale)
     if args.inception_weights:  # before any slow work: a missing file or package fails now
         check_fid_inputs(args.inception_weights)
     run_cfg = fill_model_flags_from_run(args, given, args.model_path)
@@ -95,6 +101,8 @@ def evaluate(argv):
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion = load_model(ecfg.model_path, model_cfg, diff_cfg, ecfg.norm_backend,
                                   ecfg.attention_backend, device, ecfg.precision)
+    if any(scale != 1.0 for scale in scales):
+        require_null_class(model)  # before the slow parts
 
     notes = []
     if not run_cfg and not data_dir:
@@ -109,16 +117,21 @@ def evaluate(argv):
     val["source"] = val_source
 
     samples = sample_labels = None
-    digits = None
+    digits = digits_by_scale = None
     if data_dir:
         notes.append("digits scores skipped: the run was trained on --data_dir "
                      f"{data_dir}, not the embedded digits")
     elif ecfg.num_samples == 0:
         notes.append("digits scores skipped: --num_samples 0")
     else:
-        samples, sample_labels = _generate(model, model_cfg, diff_cfg, ecfg, device,
-                                           NUM_DIGIT_CLASSES)
-        digits = _digits_scores(samples, sample_labels, model_cfg, ecfg)
+        digits_by_scale = []
+        for scale in scales:  # the first scale's samples are kept for FID
+            scale_samples, sample_labels = _generate(model, model_cfg, diff_cfg, ecfg, device,
+                                                     NUM_DIGIT_CLASSES, scale)
+            scores = _digits_scores(scale_samples, sample_labels, model_cfg, ecfg)
+            digits_by_scale.append({"guidance_scale": scale, **scores})
+            if samples is None:
+                samples, digits = scale_samples, scores
         if sample_labels is None:
             notes.append("class-consistency accuracy is null: the model is not class-conditional")
 
@@ -126,8 +139,11 @@ def evaluate(argv):
     if ecfg.inception_weights:
         if samples is None:
             num_classes = _folder_classes(data_dir, class_from) if data_dir else NUM_DIGIT_CLASSES
-            samples, _ = _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes)
+            samples, _ = _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes,
+                                   scales[0])
         fid_value = _fid(samples, ecfg, model_cfg, data_dir, device)
+        if len(scales) > 1:
+            notes.append(f"fid is of the samples at the first guidance scale, {scales[0]:g}")
     else:
         notes.append("fid is null: no --inception_weights given")
 
@@ -136,6 +152,7 @@ def evaluate(argv):
         "step": checkpoint_step(ecfg.model_path),
         "val_loss": val,
         "digits": digits,
+        "digits_by_guidance_scale": digits_by_scale,
         "fid": fid_value,
         "settings": {**dataclasses.asdict(ecfg), "data_dir": data_dir, "class_from": class_from,
                      "device": device.type, "model": dataclasses.asdict(model_cfg),
@@ -184,9 +201,9 @@ def _folder_classes(data_dir, class_from):
     return len(class_labels(list_image_files(data_dir), data_dir, class_from)[1])
 
 
-def _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes):
+def _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes, guidance_scale):
     """num_samples samples (uint8 NHWC; ancestral, or DDIM with --use_ddim) and their labels,
-    from seed ``ecfg.seed``.
+    from seed ``ecfg.seed`` (so every guidance scale starts from the same noise).
 
     A class-conditional model is asked for each of the data's ``num_classes`` classes equally
     often (±1): its label table has GD's 1000 rows whatever the data had."""
@@ -194,8 +211,8 @@ def _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes):
     labels = None
     if model_cfg.class_cond:
         labels = balanced_labels(ecfg.num_samples, min(num_classes, model.num_classes))
-    log.info("sampling %d images (%s, %d steps)", ecfg.num_samples,
-             "DDIM" if ecfg.use_ddim else "ancestral", ecfg.sample_steps)
+    log.info("sampling %d images (%s, %d steps, guidance scale %g)", ecfg.num_samples,
+             "DDIM" if ecfg.use_ddim else "ancestral", ecfg.sample_steps, guidance_scale)
     # generate() draws from the global RNG: seed it here and give the caller's state back.
     cuda_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
@@ -204,6 +221,7 @@ def _generate(model, model_cfg, diff_cfg, ecfg, device, num_classes):
                              model_cfg.image_size, device, class_cond=model_cfg.class_cond,
                              num_classes=num_classes, use_ddim=ecfg.use_ddim, clip_denoised=True,
                              precision=ecfg.precision, labels=labels,
+                             guidance_scale=guidance_scale,
                              progress=progress_enabled(ecfg.no_progress, True))
     return images, labels
 

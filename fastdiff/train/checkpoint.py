@@ -198,12 +198,20 @@ def find_resume_path(spec, log_dir, log_dir_given):
 
 def check_resume_compatible(path, config_now, shape_flags):
     """Refuse to resume a DCP checkpoint whose run had other values of ``shape_flags``
-    (flags that change the parameters) than ``config_now``, naming them."""
+    (flags that change the parameters) than ``config_now``, naming them. A class-conditional
+    model trained with ``class_dropout_prob`` > 0 has one more label row than one without
+    (the null class): p may change on resume, its being > 0 may not."""
+    def has_null_class(config):
+        return bool(config.get("class_cond")) and float(config.get("class_dropout_prob", 0)) > 0
+
     if not os.path.isdir(path):
         return
     saved = read_trainer_meta(path).get("config", {})
     diffs = [f"--{k} {saved[k]!r} → {config_now[k]!r}" for k in shape_flags
              if k in saved and k in config_now and saved[k] != config_now[k]]
+    if "class_dropout_prob" in config_now and has_null_class(saved) != has_null_class(config_now):
+        diffs.append(f"--class_dropout_prob {saved.get('class_dropout_prob', 0.0)!r} → "
+                     f"{config_now['class_dropout_prob']!r} (the null-class label row)")
     if diffs:
         raise CheckpointError(f"cannot resume {path}: flags that change the model differ: "
                               + ", ".join(diffs))
@@ -287,10 +295,16 @@ class Checkpointer:
             "torch_rng": torch.get_rng_state(),
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            # The objective's own streams (the classifier's validation data position).
+            "objective": self._objective_state(),
         }
         if self.dist.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
         return state
+
+    def _objective_state(self):
+        objective = getattr(self.trainer, "objective", None)
+        return objective.state_dict() if hasattr(objective, "state_dict") else None
 
     def _meta(self):
         return {**self.trainer.state_dict(), "world_size": self.dist.world_size,
@@ -366,6 +380,9 @@ class Checkpointer:
                 self.sampler.load_state_dict(rank_state["sampler"])
             if rank_state.get("data") is not None and hasattr(self.data, "load_state_dict"):
                 self.data.load_state_dict(rank_state["data"])
+            objective = getattr(self.trainer, "objective", None)
+            if rank_state.get("objective") is not None and hasattr(objective, "load_state_dict"):
+                objective.load_state_dict(rank_state["objective"])
         else:
             # Another world size: weights, optimizer, EMAs, step and loss scale are exact;
             # the per-rank streams (noise, timesteps, data order) restart from the seed.

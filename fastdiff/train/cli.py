@@ -3,6 +3,11 @@
 Also runs as ``python -m fastdiff.train`` (one process). Without --data_dir it trains a
 small class-conditional model on the embedded digits dataset (the preset below; any flag
 given on the command line overrides it).
+
+The path (parse → process group → run folder → build → parallelize → Trainer → save) is
+shared with GD's other diffusion trainers (``fastdiff.super_res_train``): what differs is a
+:class:`Task`. ``_start`` (process group, run folder, logging, teardown) takes any run
+function, for trainers with a loop of their own.
 """
 import contextlib
 import dataclasses
@@ -13,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 
 import torch.distributed as dist
 
@@ -41,18 +47,46 @@ DIGITS_PRESET = dict(
 UsageError = C.ConfigError
 
 
-def parse_config(argv):
-    parser = C.build_parser(description=__doc__.splitlines()[0])
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one diffusion trainer of GD's scripts makes of the shared training path.
+
+    ``wrap_data(data, model, model_cfg, train_cfg, dist_info)`` returns the batch stream the
+    Trainer reads (extra model inputs added on the CPU); ``grid_writer(model_cfg, diff_cfg,
+    train_cfg, dist_info, log_dir, *, interval, steps, use_ddim)`` the PreviewWriter of the
+    --sample_interval grids and of the end-of-run grid.
+    """
+    prog: str  # the command, as error lines name it
+    description: str
+    model_config: type  # the model's flag dataclass (GD's flags and defaults)
+    digits_preset: dict  # without --data_dir; flags on the command line override it
+    create_model_and_diffusion: typing.Callable
+    image_size: typing.Callable  # model_cfg → side of the training images
+    shape_flags: tuple  # flags a resumed checkpoint must share
+    wrap_data: typing.Callable
+    grid_writer: typing.Callable
+
+    @property
+    def config_classes(self):
+        return (self.model_config, C.DiffusionConfig, C.TrainConfig)
+
+
+def parse_config(argv, task=None):
+    task = task or IMAGE_TASK
+    parser = C.build_parser(task.config_classes, description=task.description)
     args = parser.parse_args(argv)
     given = C.explicit_flags(argv)
     preset_applied = {}
     if not args.data_dir:
-        for k, v in DIGITS_PRESET.items():
+        for k, v in task.digits_preset.items():
             if k not in given:
                 setattr(args, k, v)
                 preset_applied[k] = v
-    model_cfg, diff_cfg, train_cfg = C.split_args(args)  # each dataclass checks its flags
+    model_cfg, diff_cfg, train_cfg = C.split_args(args, task.config_classes)  # each checks its flags
     C.resolve_precision(model_cfg, train_cfg)
+    if train_cfg.class_dropout_prob > 0 and not model_cfg.class_cond:
+        raise UsageError("--class_dropout_prob needs --class_cond True (a dropped label becomes "
+                         "the null class)")
     if train_cfg.tensorboard and "tensorboard" in given:
         from fastdiff.train.telemetry import tensorboard_available
         if not tensorboard_available():  # the environment, not the flags: checked here
@@ -89,28 +123,39 @@ def _remove_if_only_startup_files(log_dir):
         pass
 
 
-def build_components(model_cfg, diff_cfg, train_cfg, dist_info):
+def build_components(model_cfg, diff_cfg, train_cfg, dist_info, task=None):
     from fastdiff.data import load_data
     from fastdiff.diffusion import create_named_schedule_sampler
 
+    task = task or IMAGE_TASK
     norm_backend, attention_backend = C.resolve_backends(
         train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type,
         train_cfg.precision)
-    model, diffusion = C.create_model_and_diffusion(
+    model, diffusion = task.create_model_and_diffusion(
         **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
+        class_dropout_prob=train_cfg.class_dropout_prob,
         norm_backend=norm_backend, attention_backend=attention_backend)
     model.to(dist_info.device)
     sampler = create_named_schedule_sampler(train_cfg.schedule_sampler, diffusion,
                                             seed=train_cfg.seed + dist_info.rank)
     data = load_data(
         data_dir=train_cfg.data_dir or None, batch_size=train_cfg.batch_size,
-        image_size=model_cfg.image_size, class_cond=model_cfg.class_cond,
+        image_size=task.image_size(model_cfg), class_cond=model_cfg.class_cond,
         class_from=train_cfg.class_from, rank=dist_info.rank,
         # Mirrored digits are not digits: the embedded dataset trains without GD's flip.
         random_flip=bool(train_cfg.data_dir), world_size=dist_info.world_size,
         seed=train_cfg.seed, num_workers=None if train_cfg.num_workers < 0 else train_cfg.num_workers,
         pin_memory=dist_info.device.type == "cuda")
-    return model, diffusion, sampler, data
+    return model, diffusion, sampler, task.wrap_data(data, model, model_cfg, train_cfg, dist_info)
+
+
+def add_label_dropout(data, model, model_cfg, train_cfg, dist_info):
+    """The image trainer's stream: GD's batches, with classifier-free guidance's label
+    dropout when --class_dropout_prob > 0 (else the stream itself)."""
+    from fastdiff.data import add_conditioning
+    return add_conditioning(data, class_dropout_prob=train_cfg.class_dropout_prob,
+                            null_class=getattr(model, "null_class", None),
+                            seed=train_cfg.seed, rank=dist_info.rank)
 
 
 def build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir):
@@ -137,14 +182,20 @@ def build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir, *, int
     """A sample-grid writer from the EMA weights: every ``interval`` steps (0: only when
     called), ``steps`` respaced sampling steps, DDIM or ancestral."""
     from fastdiff.train.preview import PreviewWriter
+    return PreviewWriter(model_cfg, diff_cfg, **grid_writer_kwargs(
+        train_cfg, dist_info, log_dir, interval=interval, steps=steps, use_ddim=use_ddim))
+
+
+def grid_writer_kwargs(train_cfg, dist_info, log_dir, *, interval, steps, use_ddim):
+    """The keywords every PreviewWriter of a run shares."""
     norm_backend, attention_backend = C.resolve_backends(
         train_cfg.norm_backend, train_cfg.attention_backend, dist_info.device.type,
         train_cfg.precision)
-    return PreviewWriter(model_cfg, diff_cfg, interval=interval, log_dir=log_dir,
-                         device=dist_info.device, precision=train_cfg.precision,
-                         seed=train_cfg.seed, steps=steps, use_ddim=use_ddim,
-                         is_main=dist_info.is_main, norm_backend=norm_backend,
-                         attention_backend=attention_backend)
+    return dict(interval=interval, log_dir=log_dir, device=dist_info.device,
+                precision=train_cfg.precision, seed=train_cfg.seed, steps=steps,
+                use_ddim=use_ddim, is_main=dist_info.is_main, norm_backend=norm_backend,
+                attention_backend=attention_backend,
+                class_dropout_prob=train_cfg.class_dropout_prob)
 
 
 def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, preset_applied):
@@ -178,20 +229,21 @@ def startup_report(dist_info, wrapping, train_cfg, model, data, optimizer_name, 
                  " ".join(f"--{k} {v}" for k, v in preset_applied.items()))
 
 
-def main(argv=None):
+def main(argv=None, task=None):
     argv = sys.argv[1:] if argv is None else argv
+    task = task or IMAGE_TASK
     from fastdiff.data import DataError
     from fastdiff.train.checkpoint import CheckpointError
     from fastdiff.train.loop import TrainingError
 
     with logger_restored():
         try:
-            return _main(argv)
+            return _main(argv, task)
         except (UsageError, DataError, CheckpointError) as e:
-            print(f"fastdiff.train: error: {e}", file=sys.stderr)
+            print(f"{task.prog}: error: {e}", file=sys.stderr)
             return 2
         except TrainingError as e:
-            print(f"fastdiff.train: error: {e}", file=sys.stderr)
+            print(f"{task.prog}: error: {e}", file=sys.stderr)
             return 1
 
 
@@ -238,14 +290,19 @@ def deterministic_mode(enabled):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def _main(argv):
-    model_cfg, diff_cfg, train_cfg, given, preset_applied = parse_config(argv)
+def _main(argv, task):
+    model_cfg, diff_cfg, train_cfg, given, preset_applied = parse_config(argv, task)
+
+    def run(dist_info, log_dir):
+        return _run(task, model_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir)
+
     with deterministic_mode(train_cfg.deterministic):
-        return _start(model_cfg, diff_cfg, train_cfg, given, preset_applied)
+        return _start(train_cfg, given, run)
 
 
-def _start(model_cfg, diff_cfg, train_cfg, given, preset_applied):
-    """Join the process group, open the run folder and its log, run; leave the group."""
+def _start(train_cfg, given, run):
+    """Join the process group, open the run folder and its log, ``run(dist_info, log_dir)``;
+    leave the group. A run that fails on bad input during setup leaves no folder behind."""
     from fastdiff.data import DataError
     from fastdiff.train.checkpoint import CheckpointError
 
@@ -259,8 +316,7 @@ def _start(model_cfg, diff_cfg, train_cfg, given, preset_applied):
         log_dir, created = resolve_log_dir(train_cfg, dist_info)
         setup_logging(log_dir, dist_info.is_main)
         try:
-            return _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info,
-                        log_dir)
+            return run(dist_info, log_dir)
         except (UsageError, DataError, CheckpointError):
             if created and dist_info.is_main:
                 for h in list(log.handlers):
@@ -273,7 +329,7 @@ def _start(model_cfg, diff_cfg, train_cfg, given, preset_applied):
         teardown_distributed()
 
 
-def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_dir):
+def _run(task, model_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir):
     """Build everything, resume if asked, train, write the sample grid."""
     from fastdiff.data import DataError
     from fastdiff.train import checkpoint as ckpt
@@ -287,12 +343,13 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
                  log_dir)
     if resume_path:
         ckpt.check_resume_compatible(
-            resume_path, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg)},
-            C.MODEL_SHAPE_FLAGS)
+            resume_path, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
+                          "class_dropout_prob": train_cfg.class_dropout_prob},
+            task.shape_flags)
     seed_everything(train_cfg.seed, dist_info.rank)
     try:
         model, diffusion, sampler, data = build_components(model_cfg, diff_cfg, train_cfg,
-                                                           dist_info)
+                                                           dist_info, task)
     except DataError:
         raise
     except (ValueError, TypeError) as e:  # a flag the model or diffusion rejects
@@ -305,9 +362,9 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
     telemetry = build_telemetry(model_cfg, diff_cfg, train_cfg, dist_info, log_dir)
     preview = None
     if train_cfg.sample_interval:  # the --sample_interval grids: DDIM, as the flag says
-        preview = build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
-                                    interval=train_cfg.sample_interval,
-                                    steps=train_cfg.sample_steps, use_ddim=True)
+        preview = task.grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
+                                   interval=train_cfg.sample_interval,
+                                   steps=train_cfg.sample_steps, use_ddim=True)
     trainer = Trainer(model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
                       cfg=train_cfg, dist_info=dist_info, log_dir=log_dir,
                       run_meta={"config": effective}, telemetry=telemetry,
@@ -330,8 +387,8 @@ def _run(model_cfg, diff_cfg, train_cfg, given, preset_applied, dist_info, log_d
              time.perf_counter() - t0)
     if outcome == "finished" and train_cfg.sample_grid:
         # From the first EMA rate's weights, the ones people sample from.
-        final = build_grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
-                                  interval=0, steps=FINAL_GRID_STEPS, use_ddim=False)
+        final = task.grid_writer(model_cfg, diff_cfg, train_cfg, dist_info, log_dir,
+                                 interval=0, steps=FINAL_GRID_STEPS, use_ddim=False)
         trainer.write_ema_grid(final, os.path.join(log_dir, "samples_grid.png"))
     return 0
 
@@ -342,6 +399,13 @@ def _use_persistent_compile_cache(log_dir):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
             os.path.expanduser("~"), ".cache", "fastdiff", "inductor")
     log.info("inductor cache: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+IMAGE_TASK = Task(
+    prog="fastdiff.train", description=__doc__.splitlines()[0], model_config=C.ModelConfig,
+    digits_preset=DIGITS_PRESET, create_model_and_diffusion=C.create_model_and_diffusion,
+    image_size=lambda model_cfg: model_cfg.image_size, shape_flags=C.MODEL_SHAPE_FLAGS,
+    wrap_data=add_label_dropout, grid_writer=build_grid_writer)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ so the gradient of a batch split in k microbatches is k times the unsplit mean �
 behaviour, which the lr was tuned with), dynamic fp16 loss scaling (lg_loss_scale from 20,
 +fp16_scale_growth per good step, −1 and the step and the EMA skipped on overflow), the
 lr annealing schedule, EMA after every taken step, GD's logged keys.
+The loss is pluggable (fastdiff/train/objectives.py): the diffusion objective by default,
+GD's classifier_train.py's with ``objective=ClassifierObjective(...)`` and its schedule;
+a run may keep zero EMAs (the classifier: no EMA files, no EMA memory).
 Additions, off by default: power-function EMAs (``--ema_std``, EDM2) with snapshots, an lr
 warmup and diffusers' EMA warmup. Every EMA's rate for step k is a host float computed from
 the step counter (fastdiff/power_ema.py), so a resumed run continues them exactly and the
@@ -30,12 +33,11 @@ from fastdiff.runtime import (all_reduce_sum_, any_rank, autocast, full_tensor,
                               local_tensor)
 from fastdiff.train import checkpoint as ckpt
 from fastdiff.train.metrics import DeviceMeans, MetricLogger
+from fastdiff.train.objectives import DiffusionObjective, ImageTrainSchedule
 from fastdiff.train.optimizer import build_optimizer
 from fastdiff.train.telemetry import Telemetry
 
 log = logging.getLogger("fastdiff")
-
-INITIAL_LG_LOSS_SCALE = 20.0
 
 
 class TrainingError(RuntimeError):
@@ -45,10 +47,13 @@ class TrainingError(RuntimeError):
 class Trainer:
     """One training run. ``telemetry`` (progress bar, MFU, TensorBoard: see
     fastdiff/train/telemetry.py) and ``preview`` (a PreviewWriter for --sample_interval) are
-    optional; ``metrics_table`` False leaves GD's table off stdout (the summary line stays)."""
+    optional; ``metrics_table`` False leaves GD's table off stdout (the summary line stays).
+    ``objective`` (default: GD's diffusion loss) and ``schedule`` (default: GD's TrainLoop
+    lr and run length from ``cfg``) are the parts fastdiff/train/objectives.py describes."""
 
     def __init__(self, *, model, diffusion, data, schedule_sampler, cfg, dist_info, log_dir,
-                 run_meta=None, telemetry=None, preview=None, metrics_table=True):
+                 run_meta=None, telemetry=None, preview=None, metrics_table=True,
+                 objective=None, schedule=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -58,11 +63,13 @@ class Trainer:
         self.device = dist_info.device
         self.log_dir = log_dir
         self.run_meta = run_meta or {}
+        self.objective = objective or DiffusionObjective(diffusion, schedule_sampler)
+        self.schedule = schedule or ImageTrainSchedule(cfg)
 
         self.batch_size = cfg.batch_size
         self.microbatch = cfg.microbatch if cfg.microbatch > 0 else cfg.batch_size
         self.global_batch = cfg.batch_size * dist_info.world_size
-        self.ema_rates = C.parse_ema_rates(cfg.ema_rate)
+        self.ema_rates = C.parse_ema_rates(getattr(cfg, "ema_rate", ""))
         self.ema_stds = C.parse_ema_stds(getattr(cfg, "ema_std", ""))
         # Optimizer slots: fixed rates first, then power EMAs in --ema_std order.
         self.ema_specs = power_ema.ema_specs(self.ema_rates, self.ema_stds)
@@ -78,8 +85,8 @@ class Trainer:
         # Device state of the step (read back only on logging/saving steps): GD's log2 loss
         # scale (float64, as GD's Python float), and the first step whose loss or gradients
         # were not finite (-1: none yet).
-        self._lg_loss_scale = torch.tensor(INITIAL_LG_LOSS_SCALE if self.use_loss_scale else 0.0,
-                                           dtype=torch.float64, device=self.device)
+        initial = self.objective.initial_lg_loss_scale if self.use_loss_scale else 0.0
+        self._lg_loss_scale = torch.tensor(initial, dtype=torch.float64, device=self.device)
         self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.step = 0
 
@@ -99,10 +106,9 @@ class Trainer:
             ema_specs=self.ema_specs,
             model=model, optimizer=self.optimizer, params=self.params,
             param_names=self.param_names, sampler=schedule_sampler, data=data, trainer=self,
-            lr_at=self._lr_for_step, weight_decay=cfg.weight_decay, run_meta=self.run_meta)
+            lr_at=self.schedule.recorded_lr, weight_decay=cfg.weight_decay, run_meta=self.run_meta)
         self._stop_signal = None
-        self.last_loss = None  # the last step's loss (mean over microbatches), a device tensor
-        self._sampler_feed = []
+        self.last_loss = None  # the last step's loss (the objective's batch loss), a device tensor
         self._last_lr = None
 
     # ------------------------------------------------------------------ loop
@@ -125,6 +131,9 @@ class Trainer:
             self.train_step(batch, cond)
             self.step += 1
             telemetry.step_done(self.global_batch)
+            if self.objective.evaluation_due(self.step):
+                with telemetry.paused():
+                    self.evaluate()
             logging_step = self.step % self.cfg.log_interval == 0
             saving_step = self.step % self.cfg.save_interval == 0
             if logging_step or saving_step:
@@ -158,13 +167,10 @@ class Trainer:
 
     def _total_steps(self):
         """Where the run stops (the progress bar's end), or None when open-ended."""
-        limits = [n for n in (self.cfg.lr_anneal_steps, self.cfg.max_steps) if n]
-        return min(limits) if limits else None
+        return self.schedule.total_steps()
 
     def _done(self):
-        if self.cfg.lr_anneal_steps and self.step >= self.cfg.lr_anneal_steps:
-            return True
-        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+        return self.schedule.done(self.step)
 
     def train_step(self, batch, cond):
         """One optimizer step over ``batch`` (split into microbatches). Reads nothing back
@@ -174,7 +180,8 @@ class Trainer:
         self.optimizer.set_lr(self._last_lr)
         self.optimizer.zero_grad()
         loss_total = self.forward_backward(batch, cond)
-        self.last_loss = loss_total / -(-batch.shape[0] // self.microbatch)
+        self.last_loss = self.objective.batch_loss(loss_total,
+                                                   -(-batch.shape[0] // self.microbatch))
         return self.optimizer_step(loss_total)
 
     def _autocast(self):
@@ -185,33 +192,32 @@ class Trainer:
         return torch.exp2(self._lg_loss_scale).float() if self.use_loss_scale else None
 
     def forward_backward(self, batch, cond):
-        """Losses and gradients over the microbatches of one batch; returns the summed loss
-        (a device tensor)."""
+        """Losses and gradients over the microbatches of one batch; returns the sum of the
+        objective's microbatch losses (a device tensor)."""
         loss_scale = self._loss_scale()
-        self._sampler_feed = []  # (t, losses) per microbatch, fed once the step is judged
+        batch, per_sample = self.objective.begin_batch(batch, cond, self.device)
         n = batch.shape[0]
         starts = list(range(0, n, self.microbatch))
         total = torch.zeros((), device=self.device)
         for i in starts:
             micro = batch[i:i + self.microbatch].to(self.device, non_blocking=True)
-            micro_cond = {k: v[i:i + self.microbatch].to(self.device, non_blocking=True)
-                          for k, v in cond.items()}
+            micro_per_sample = {k: v[i:i + self.microbatch].to(self.device, non_blocking=True)
+                                for k, v in per_sample.items()}
             last = i == starts[-1]
             if hasattr(self.model, "set_requires_gradient_sync"):
                 # FSDP2: reduce-scatter gradients only after the last microbatch.
                 self.model.set_requires_gradient_sync(last)
-            t, weights = self.sampler.sample(micro.shape[0], self.device)
-            with self._autocast():
-                losses = self.diffusion.training_losses(self.model, micro, t,
-                                                        model_kwargs=micro_cond)
-            if hasattr(self.sampler, "update_with_local_losses"):
-                self._sampler_feed.append((t, losses["loss"].detach()))
-            loss = (losses["loss"] * weights).mean()
-            self.device_metrics.add_losses(self.diffusion.num_timesteps, t,
-                                           {k: v * weights for k, v in losses.items()})
+            loss = self.objective.microbatch_loss(self.model, micro, micro_per_sample, n,
+                                                  autocast=self._autocast,
+                                                  metrics=self.device_metrics)
             (loss if loss_scale is None else loss * loss_scale).backward()
             total += loss.detach().float()
         return total
+
+    def evaluate(self):
+        """The objective's validation pass (a forward on every rank; no gradients)."""
+        self.objective.evaluate(self.model, self.device, self.microbatch,
+                                autocast=self._autocast, metrics=self.device_metrics)
 
     def optimizer_step(self, loss_total=None):
         """Unscale, check, clip, AdamW + EMA, all decided on the device; returns the 0-dim
@@ -229,13 +235,9 @@ class Trainer:
         self.optimizer.step(loss_scale=loss_scale, found_inf=found_inf, clip_factor=clip,
                             ema_rates=self.ema_rates_for_step(self.step + 1))
         taken = found_inf == 0
-        # The loss-aware sampler learns from this step's losses once the step is judged, and
-        # only from a taken step's finite ones: a NaN would poison its history for good. (GD
-        # feeds each microbatch right after its forward; the losses are the same, only the
-        # next microbatch's draw sees them one step later.)
-        for t, losses in self._sampler_feed:
-            self.sampler.update_with_local_losses(t, losses, accept=taken & torch.isfinite(losses))
-        self._sampler_feed = []
+        # A loss-aware sampler learns from this step's losses once the step is judged, and
+        # only from a taken step's finite ones: a NaN would poison its history for good.
+        self.objective.step_judged(taken)
         # GD logs the norms of taken steps only (its fp16 path returns before logging them).
         metrics.add("grad_norm", torch.where(taken, grad_norm, 0.0), taken.float())
         if self.use_loss_scale:
@@ -289,15 +291,8 @@ class Trainer:
         return power_ema.ema_rates_for_step(self.ema_specs, step, self.ema_warmup)
 
     def _lr_for_step(self, k):
-        """The lr of the step after ``k`` completed ones: GD's annealing (step 0 and 1 use
-        lr, k ≥ 1 uses lr·(1 − (k−1)/lr_anneal_steps): GD updates the lr after each step from
-        the index of the step just taken) times the warmup min(1, (k+1)/lr_warmup_steps)."""
-        lr = self.cfg.lr
-        if self.cfg.lr_anneal_steps and k > 0:
-            lr = lr * (1 - (k - 1) / self.cfg.lr_anneal_steps)
-        if self.lr_warmup_steps:
-            lr = lr * min(1.0, (k + 1) / self.lr_warmup_steps)
-        return lr
+        """The lr of the step after ``k`` completed ones (the schedule's)."""
+        return self.schedule.lr(k)
 
     def _dump_metrics(self):
         """GD's interval means plus step, samples, lr and the telemetry of this interval

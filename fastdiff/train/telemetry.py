@@ -32,21 +32,31 @@ def count_flops_per_image(model_cfg, diff_cfg):
     device (no memory, no arithmetic), falling back to the CPU if a module refuses meta
     tensors. Activation checkpointing is off in the copy: model FLOPs, as in MFU, do not
     count recomputation. Normalisation and elementwise ops are not counted (the convention).
+    A ``SuperResModelConfig`` counts GD's super-res UNet at ``large_size``, given a
+    ``low_res`` image at ``small_size`` (its bilinear upsampling is elementwise: not counted).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastdiff.models import create_model
+    from fastdiff.models.super_res import sr_create_model
 
     kwargs = dataclasses.asdict(model_cfg)
     kwargs.update(use_checkpoint=False, use_fp16=False, learn_sigma=diff_cfg.learn_sigma,
                   norm_backend="torch", attention_backend="math")
+    super_res = "large_size" in kwargs
+    create = sr_create_model if super_res else create_model
+    image_size = kwargs["large_size"] if super_res else kwargs["image_size"]
 
     def count_on(device):
         # A private RNG state: on the CPU, initialisation and inputs would otherwise draw from
         # the training stream.
         with torch.random.fork_rng(devices=[]), torch.device(device):
-            model = create_model(**kwargs)
-            return _count_train_flops(model, model_cfg.image_size, device, FlopCounterMode)
+            model = create(**kwargs)
+            extra = None
+            if super_res:
+                small = kwargs["small_size"]
+                extra = {"low_res": torch.randn(1, 3, small, small, device=device)}
+            return _count_train_flops(model, image_size, device, FlopCounterMode, extra)
 
     try:
         return count_on("meta")
@@ -54,11 +64,14 @@ def count_flops_per_image(model_cfg, diff_cfg):
         return count_on("cpu")
 
 
-def _count_train_flops(model, image_size, device, counter_cls):
-    """FLOPs counted by ``counter_cls`` over one forward + backward of ``model`` on one image."""
-    x = torch.randn(1, model.in_channels, image_size, image_size, device=device)
+def _count_train_flops(model, image_size, device, counter_cls, extra_inputs=None):
+    """FLOPs counted by ``counter_cls`` over one forward + backward of ``model`` on one image
+    (``extra_inputs``: more model kwargs, e.g. the super-res model's ``low_res``; its own input
+    channels then hold them too, so the image has 3)."""
+    channels = 3 if extra_inputs else model.in_channels
+    x = torch.randn(1, channels, image_size, image_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
-    kwargs = {}
+    kwargs = dict(extra_inputs or {})
     if model.num_classes is not None:
         kwargs["y"] = torch.zeros(1, dtype=torch.long, device=device)
     with torch.enable_grad(), counter_cls(display=False) as counter:
