@@ -16,14 +16,12 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastdiff import config as C
-from fastdiff.runtime import (logger_restored, setup_distributed, setup_logging,
-                              teardown_distributed)
-from fastdiff.sampling import (NUM_CLASSES, fill_model_flags_from_run, generate, load_model,
-                               read_run_config, save_grid, write_samples_npz)
+from fastdiff.runtime import run_cli, setup_distributed, setup_logging, teardown_distributed
+from fastdiff.sampling import (fill_model_flags_from_run, gather_and_write, generate, label_count,
+                               load_model, output_dir, read_run_config)
 from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
 
 log = logging.getLogger("fastdiff")
@@ -116,13 +114,7 @@ def unconditional_model_fn(model):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    with logger_restored():
-        try:
-            return _main(argv)
-        except ValueError as e:  # ConfigError, CheckpointError: one line
-            print(f"fastdiff.classifier_sample: error: {e}", file=sys.stderr)
-            return 2
+    return run_cli("fastdiff.classifier_sample", _main, argv)  # ConfigError, CheckpointError
 
 
 def _main(argv):
@@ -148,10 +140,8 @@ def _main(argv):
                                       scfg.precision)
         classifier, _ = load_classifier(scfg.classifier_path, classifier_cfg, diff_cfg, backends,
                                         device)
-        num_classes = scfg.num_classes or run_cfg.get("num_classes") or \
-            (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
-        out_dir = scfg.log_dir or os.environ.get("OPENAI_LOGDIR") or \
-            os.path.dirname(os.path.abspath(scfg.model_path))
+        num_classes = label_count(scfg.num_classes, run_cfg)
+        out_dir = output_dir(scfg.log_dir, scfg.model_path)
         if dist_info.is_main:
             os.makedirs(out_dir, exist_ok=True)  # only once both checkpoints have loaded
 
@@ -177,17 +167,10 @@ def _main(argv):
                              progress=progress_enabled(scfg.no_progress, dist_info.is_main),
                              cond_fn=classifier_cond_fn(classifier, scfg.classifier_scale),
                              model_kwargs_fn=draw_labels)
-        labels = np.concatenate(drawn)
-        if dist_info.distributed:
-            parts = [None] * dist_info.world_size
-            dist.all_gather_object(parts, (images, labels))
-            images = np.concatenate([p[0] for p in parts])
-            labels = np.concatenate([p[1] for p in parts])
-        if dist_info.is_main:
-            images, labels = images[:scfg.num_samples], labels[:scfg.num_samples]
-            out = write_samples_npz(images, labels, out_dir)
-            grid = save_grid(images[:scfg.grid_size], os.path.join(out_dir, "samples_grid.png"))
-            log.info("wrote %s and %s", out, grid)
+        written = gather_and_write(images, np.concatenate(drawn), dist_info, scfg.num_samples,
+                                   out_dir, scfg.grid_size)
+        if written:
+            log.info("wrote %s and %s", *written)
         return 0
     finally:
         teardown_distributed()

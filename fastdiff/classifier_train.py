@@ -105,16 +105,9 @@ class UsageError(C.ConfigError):
 
 
 def parse_config(argv):
-    parser = C.build_parser(CONFIG_CLASSES, description=__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    given = C.explicit_flags(argv)
-    preset_applied = {}
-    if not args.data_dir:
-        for k, v in DIGITS_PRESET.items():
-            if k not in given:
-                setattr(args, k, v)
-                preset_applied[k] = v
-    classifier_cfg, diff_cfg, train_cfg = C.split_args(args, CONFIG_CLASSES)
+    from fastdiff.train.cli import parse_with_digits_preset
+    (classifier_cfg, diff_cfg, train_cfg), given, preset_applied = parse_with_digits_preset(
+        argv, CONFIG_CLASSES, DIGITS_PRESET, __doc__.splitlines()[0])
     if not train_cfg.precision:
         train_cfg.precision = "fp16" if classifier_cfg.classifier_use_fp16 else "fp32"
     if classifier_cfg.classifier_use_fp16 and train_cfg.precision != "fp16":
@@ -249,12 +242,7 @@ def _run(classifier_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir
 
     effective = {**dataclasses.asdict(classifier_cfg), **dataclasses.asdict(diff_cfg),
                  **dataclasses.asdict(train_cfg)}
-    resume_path = ckpt.find_resume_path(
-        train_cfg.resume_checkpoint, log_dir,
-        log_dir_given=bool(train_cfg.log_dir or os.environ.get("OPENAI_LOGDIR")))
-    if train_cfg.resume_checkpoint == "latest" and resume_path is None:
-        log.info("--resume_checkpoint latest: no complete checkpoint in %s, starting fresh",
-                 log_dir)
+    resume_path = cli.find_resume_path(train_cfg, log_dir)
     seed_everything(train_cfg.seed, dist_info.rank)
     model, diffusion = build_classifier(classifier_cfg, diff_cfg, train_cfg, dist_info)
     if resume_path:

@@ -1,7 +1,7 @@
 """The README's flag tables, generated from the flag dataclasses.
 
-``python -m fastdiff.flags_table`` prints the tables of ``python -m fastdiff.train`` and
-``python -m fastdiff.sample`` (every flag: name, default, where it comes from, help);
+``python -m fastdiff.flags_table`` prints the tables of every ``python -m fastdiff.X`` entry
+point (every flag: name, default, where it comes from, help);
 ``python -m fastdiff.flags_table --write README.md`` replaces them in place, between the
 markers ``<!-- flags:NAME:begin -->`` and ``<!-- flags:NAME:end -->``. tests/test_readme.py
 checks that the README holds exactly what this prints.
@@ -38,10 +38,56 @@ GD_SAMPLE_DEFAULTS = {
     "clip_denoised": True, "num_samples": 10000, "batch_size": 16, "use_ddim": False,
     "model_path": "",
 }
+# script_util.py's classifier_defaults(), diffusion_defaults() and sr_model_and_diffusion_defaults().
+GD_DIFFUSION_DEFAULTS = {k: GD_MODEL_AND_DIFFUSION_DEFAULTS[k] for k in (
+    "learn_sigma", "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl",
+    "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas")}
+GD_CLASSIFIER_DEFAULTS = {
+    "image_size": 64, "classifier_use_fp16": False, "classifier_width": 128,
+    "classifier_depth": 2, "classifier_attention_resolutions": "32,16,8",
+    "classifier_use_scale_shift_norm": True, "classifier_resblock_updown": True,
+    "classifier_pool": "attention",
+}
+GD_SR_MODEL_AND_DIFFUSION_DEFAULTS = {
+    "large_size": 256, "small_size": 64,
+    **{k: v for k, v in GD_MODEL_AND_DIFFUSION_DEFAULTS.items()
+       if k not in ("image_size", "channel_mult", "use_new_attention_order")},
+}
+# The defaults dicts of GD's other scripts.
+GD_CLASSIFIER_TRAIN_DEFAULTS = {
+    **GD_CLASSIFIER_DEFAULTS, **GD_DIFFUSION_DEFAULTS,
+    "data_dir": "", "val_data_dir": "", "noised": True, "iterations": 150000, "lr": 3e-4,
+    "weight_decay": 0.0, "anneal_lr": False, "batch_size": 4, "microbatch": -1,
+    "schedule_sampler": "uniform", "resume_checkpoint": "", "log_interval": 10,
+    "eval_interval": 5, "save_interval": 10000,
+}
+GD_CLASSIFIER_SAMPLE_DEFAULTS = {
+    **GD_SAMPLE_DEFAULTS, **GD_CLASSIFIER_DEFAULTS,
+    "classifier_path": "", "classifier_scale": 1.0,
+}
+GD_SUPER_RES_TRAIN_DEFAULTS = {
+    **GD_SR_MODEL_AND_DIFFUSION_DEFAULTS,
+    **{k: v for k, v in GD_TRAIN_DEFAULTS.items() if k not in GD_MODEL_AND_DIFFUSION_DEFAULTS},
+    "use_fp16": False,
+}
+GD_SUPER_RES_SAMPLE_DEFAULTS = {
+    **GD_SR_MODEL_AND_DIFFUSION_DEFAULTS,
+    "clip_denoised": True, "num_samples": 10000, "batch_size": 16, "use_ddim": False,
+    "base_samples": "", "model_path": "",
+}
+GD_IMAGE_NLL_DEFAULTS = {
+    **GD_MODEL_AND_DIFFUSION_DEFAULTS,
+    "data_dir": "", "clip_denoised": True, "num_samples": 1000, "batch_size": 1, "model_path": "",
+}
 
 # Every command-line name whose table the README holds: its marker name and its module.
 ENTRY_POINTS = {"train": "fastdiff.train", "sample": "fastdiff.sample",
-                "evaluate": "fastdiff.evaluate"}
+                "evaluate": "fastdiff.evaluate",
+                "classifier_train": "fastdiff.classifier_train",
+                "classifier_sample": "fastdiff.classifier_sample",
+                "super_res_train": "fastdiff.super_res_train",
+                "super_res_sample": "fastdiff.super_res_sample",
+                "image_nll": "fastdiff.image_nll"}
 
 
 @dataclasses.dataclass
@@ -71,6 +117,23 @@ def entry_point(name):
                        for f in dataclasses.fields(cls)}
         gd = {k: v for k, v in GD_SAMPLE_DEFAULTS.items() if k in model_flags}
         return EntryPoint((C.ModelConfig, C.DiffusionConfig, EvalConfig), gd, {})
+    if name == "classifier_train":
+        from fastdiff import classifier_train as m
+        return EntryPoint(m.CONFIG_CLASSES, GD_CLASSIFIER_TRAIN_DEFAULTS, m.DIGITS_PRESET,
+                          "digits preset")
+    if name == "classifier_sample":
+        from fastdiff import classifier_sample as m
+        return EntryPoint(m.CONFIG_CLASSES, GD_CLASSIFIER_SAMPLE_DEFAULTS, {})
+    if name == "super_res_train":
+        from fastdiff.super_res_train import SUPER_RES_TASK as task
+        return EntryPoint(task.config_classes, GD_SUPER_RES_TRAIN_DEFAULTS, task.digits_preset,
+                          "digits preset")
+    if name == "super_res_sample":
+        from fastdiff import super_res_sample as m
+        return EntryPoint(m.CONFIG_CLASSES, GD_SUPER_RES_SAMPLE_DEFAULTS, {})
+    if name == "image_nll":
+        from fastdiff import image_nll as m
+        return EntryPoint(m.CONFIG_CLASSES, GD_IMAGE_NLL_DEFAULTS, {})
     raise ValueError(f"no flags table named {name!r}; known: {', '.join(ENTRY_POINTS)}")
 
 
@@ -87,10 +150,14 @@ def _cell(text):
 
 
 def table_rows(ep):
-    """One dict per flag of the ``EntryPoint`` ``ep``: flag, default, origin, help."""
-    rows = []
+    """One dict per flag of the ``EntryPoint`` ``ep``: flag, default, origin, help (a name two
+    classes share is one flag, listed where the parser first adds it)."""
+    rows, seen = [], set()
     for cls in ep.classes:
         for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
             default = format_value(f.default)
             if f.name in ep.preset and ep.preset[f.name] != f.default:
                 default += f" ({ep.preset_name}: {format_value(ep.preset[f.name])})"

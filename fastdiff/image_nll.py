@@ -20,7 +20,7 @@ import torch
 
 from fastdiff import config as C
 from fastdiff.evaluate.val_loss import load_validation_set
-from fastdiff.runtime import (all_reduce_sum_, autocast, logger_restored, setup_distributed,
+from fastdiff.runtime import (all_reduce_sum_, autocast, run_cli, setup_distributed,
                               setup_logging, teardown_distributed)
 from fastdiff.sampling import fill_model_flags_from_run, load_model
 from fastdiff.train.checkpoint import atomic_write_text
@@ -96,13 +96,7 @@ def bpd_sums(model, diffusion, images, labels, positions, *, seed, clip_denoised
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    with logger_restored():
-        try:
-            return _main(argv)
-        except ValueError as e:  # ConfigError, CheckpointError, DataError: one line
-            print(f"fastdiff.image_nll: error: {e}", file=sys.stderr)
-            return 2
+    return run_cli("fastdiff.image_nll", _main, argv)  # ConfigError, CheckpointError, DataError
 
 
 def _check_flags(cfg):

@@ -146,3 +146,16 @@ def logger_restored():
             if h not in saved[0]:
                 h.close()
         log.handlers[:], log.level, log.propagate = saved
+
+
+def run_cli(prog, body, argv=None, errors=(ValueError,)):
+    """An entry point's ``main``: ``body(argv)`` with the logger restored afterwards; an
+    expected error (bad flags, a checkpoint or data that does not fit: ``errors``) becomes
+    one line ``{prog}: error: ...`` on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    with logger_restored():
+        try:
+            return body(argv)
+        except errors as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2

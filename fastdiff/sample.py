@@ -13,16 +13,12 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from fastdiff import config as C
-from fastdiff.runtime import (logger_restored, setup_distributed, setup_logging,
-                              teardown_distributed)
-from fastdiff.sampling import (NUM_CLASSES, fill_model_flags_from_run, generate, load_model,
-                               save_grid, write_samples_npz)
-from fastdiff.train.checkpoint import CheckpointError
+from fastdiff.runtime import run_cli, setup_distributed, setup_logging, teardown_distributed
+from fastdiff.sampling import (fill_model_flags_from_run, gather_and_write, generate, label_count,
+                               load_model, output_dir)
 
 log = logging.getLogger("fastdiff")
 
@@ -49,13 +45,7 @@ class SampleConfig:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    with logger_restored():
-        try:
-            return _main(argv)
-        except (CheckpointError, ValueError) as e:
-            print(f"fastdiff.sample: error: {e}", file=sys.stderr)
-            return 2
+    return run_cli("fastdiff.sample", _main, argv)  # CheckpointError is a ValueError
 
 
 def _main(argv):
@@ -71,15 +61,13 @@ def _main(argv):
     model_cfg, diff_cfg, scfg = C.split_args(args, (C.ModelConfig, C.DiffusionConfig, SampleConfig))
     dist_info = setup_distributed(scfg.device)
     try:
-        out_dir = scfg.log_dir or os.environ.get("OPENAI_LOGDIR") or \
-            os.path.dirname(os.path.abspath(scfg.model_path))
+        out_dir = output_dir(scfg.log_dir, scfg.model_path)
         if dist_info.is_main:
             os.makedirs(out_dir, exist_ok=True)
         setup_logging(None, dist_info.is_main)
         model, diffusion = load_model(scfg.model_path, model_cfg, diff_cfg, scfg.norm_backend,
                                       scfg.attention_backend, dist_info.device, scfg.precision)
-        num_classes = scfg.num_classes or run_cfg.get("num_classes") or \
-            (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
+        num_classes = label_count(scfg.num_classes, run_cfg)
         torch.manual_seed(scfg.seed + dist_info.rank)
         per_rank = -(-scfg.num_samples // dist_info.world_size)
         log.info("sampling %d images (%s, %s steps, guidance scale %g) on %d rank(s)",
@@ -91,17 +79,10 @@ def _main(argv):
                                   use_ddim=scfg.use_ddim, clip_denoised=scfg.clip_denoised,
                                   precision=scfg.precision, guidance_scale=scfg.guidance_scale,
                                   progress=progress_enabled(scfg.no_progress, dist_info.is_main))
-        if dist_info.distributed:
-            parts = [None] * dist_info.world_size
-            dist.all_gather_object(parts, (images, labels))
-            images = np.concatenate([p[0] for p in parts])
-            labels = np.concatenate([p[1] for p in parts]) if model_cfg.class_cond else None
-        if dist_info.is_main:
-            images = images[:scfg.num_samples]
-            labels = labels[:scfg.num_samples] if model_cfg.class_cond else None
-            out = write_samples_npz(images, labels, out_dir)
-            grid = save_grid(images[:scfg.grid_size], os.path.join(out_dir, "samples_grid.png"))
-            log.info("wrote %s and %s", out, grid)
+        written = gather_and_write(images, labels, dist_info, scfg.num_samples, out_dir,
+                                   scfg.grid_size)
+        if written:
+            log.info("wrote %s and %s", *written)
         return 0
     finally:
         teardown_distributed()

@@ -201,3 +201,34 @@ def write_samples_npz(images, labels, out_dir):
         np.savez(tmp, images)
     os.replace(tmp, out)
     return out
+
+
+def output_dir(log_dir, model_path):
+    """Where a sampling command writes: --log_dir, else $OPENAI_LOGDIR, else the model's folder."""
+    return log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.dirname(os.path.abspath(model_path))
+
+
+def label_count(num_classes, run_cfg):
+    """Labels are drawn from [0, N): --num_classes when given, else the run's (config.json),
+    10 for a run on the embedded digits, else GD's 1000."""
+    return num_classes or run_cfg.get("num_classes") or \
+        (10 if run_cfg and not run_cfg.get("data_dir") else NUM_CLASSES)
+
+
+def gather_and_write(images, labels, dist_info, num_samples, out_dir, grid_size):
+    """Collect every rank's samples on rank 0 (in rank order), keep the first ``num_samples``
+    and write GD's npz (labels included when not None) and a PNG grid of the first
+    ``grid_size``; returns (npz path, grid path) on rank 0, None elsewhere."""
+    import torch.distributed as dist
+    if dist_info.distributed:
+        parts = [None] * dist_info.world_size
+        dist.all_gather_object(parts, (images, labels))
+        images = np.concatenate([p[0] for p in parts])
+        labels = None if labels is None else np.concatenate([p[1] for p in parts])
+    if not dist_info.is_main:
+        return None
+    images = images[:num_samples]
+    labels = None if labels is None else labels[:num_samples]
+    out = write_samples_npz(images, labels, out_dir)
+    grid = save_grid(images[:grid_size], os.path.join(out_dir, "samples_grid.png"))
+    return out, grid

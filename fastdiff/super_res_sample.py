@@ -16,15 +16,13 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fastdiff import config as C
 from fastdiff.data import DataError
 from fastdiff.models.unet import NUM_CLASSES
-from fastdiff.runtime import (logger_restored, setup_distributed, setup_logging,
-                              teardown_distributed)
-from fastdiff.sampling import (checkpoint_class_dropout_prob, generate, read_run_config,
-                               save_grid, write_samples_npz)
+from fastdiff.runtime import run_cli, setup_distributed, setup_logging, teardown_distributed
+from fastdiff.sampling import (checkpoint_class_dropout_prob, gather_and_write, generate,
+                               output_dir, read_run_config)
 from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
 
 log = logging.getLogger("fastdiff")
@@ -125,13 +123,7 @@ def load_sr_model(model_path, sr_cfg, diff_cfg, backends, device):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    with logger_restored():
-        try:
-            return _main(argv)
-        except ValueError as e:  # ConfigError, CheckpointError, DataError: one line
-            print(f"fastdiff.super_res_sample: error: {e}", file=sys.stderr)
-            return 2
+    return run_cli("fastdiff.super_res_sample", _main, argv)  # ConfigError, CheckpointError, DataError
 
 
 def _main(argv):
@@ -154,8 +146,7 @@ def _main(argv):
         backends = C.resolve_backends(scfg.norm_backend, scfg.attention_backend, device.type,
                                       scfg.precision)
         model, diffusion = load_sr_model(scfg.model_path, sr_cfg, diff_cfg, backends, device)
-        out_dir = scfg.log_dir or os.environ.get("OPENAI_LOGDIR") or \
-            os.path.dirname(os.path.abspath(scfg.model_path))
+        out_dir = output_dir(scfg.log_dir, scfg.model_path)
         if dist_info.is_main:
             os.makedirs(out_dir, exist_ok=True)  # only once the inputs have loaded
 
@@ -179,15 +170,11 @@ def _main(argv):
                              use_ddim=scfg.use_ddim, clip_denoised=scfg.clip_denoised,
                              precision=scfg.precision, model_kwargs_fn=low_res_batch,
                              progress=progress_enabled(scfg.no_progress, dist_info.is_main))
-        if dist_info.distributed:
-            parts = [None] * dist_info.world_size
-            dist.all_gather_object(parts, images)
-            images = np.concatenate(parts)
-        if dist_info.is_main:
-            images = images[:scfg.num_samples]
-            out = write_samples_npz(images, None, out_dir)
-            grid = save_grid(images[:scfg.grid_size], os.path.join(out_dir, "samples_grid.png"))
-            log.info("wrote %s and %s", out, grid)
+        # GD's super_res_sample.py writes the images only (arr_0).
+        written = gather_and_write(images, None, dist_info, scfg.num_samples, out_dir,
+                                   scfg.grid_size)
+        if written:
+            log.info("wrote %s and %s", *written)
         return 0
     finally:
         teardown_distributed()

@@ -71,18 +71,25 @@ class Task:
         return (self.model_config, C.DiffusionConfig, C.TrainConfig)
 
 
-def parse_config(argv, task=None):
-    task = task or IMAGE_TASK
-    parser = C.build_parser(task.config_classes, description=task.description)
+def parse_with_digits_preset(argv, config_classes, preset, description):
+    """``argv`` → (one dataclass per class, the flags given, the preset values applied).
+    Without --data_dir the ``preset`` fills every flag not on the command line."""
+    parser = C.build_parser(config_classes, description=description)
     args = parser.parse_args(argv)
     given = C.explicit_flags(argv)
     preset_applied = {}
     if not args.data_dir:
-        for k, v in task.digits_preset.items():
+        for k, v in preset.items():
             if k not in given:
                 setattr(args, k, v)
                 preset_applied[k] = v
-    model_cfg, diff_cfg, train_cfg = C.split_args(args, task.config_classes)  # each checks its flags
+    return C.split_args(args, config_classes), given, preset_applied  # each checks its flags
+
+
+def parse_config(argv, task=None):
+    task = task or IMAGE_TASK
+    (model_cfg, diff_cfg, train_cfg), given, preset_applied = parse_with_digits_preset(
+        argv, task.config_classes, task.digits_preset, task.description)
     C.resolve_precision(model_cfg, train_cfg)
     if train_cfg.class_dropout_prob > 0 and not model_cfg.class_cond:
         raise UsageError("--class_dropout_prob needs --class_cond True (a dropped label becomes "
@@ -93,6 +100,19 @@ def parse_config(argv, task=None):
             raise UsageError("--tensorboard True needs the tensorboard package (pip install "
                              "tensorboard), or pass --tensorboard False")
     return model_cfg, diff_cfg, train_cfg, given, preset_applied
+
+
+def find_resume_path(train_cfg, log_dir):
+    """The checkpoint --resume_checkpoint names (``latest``: the newest complete one in the
+    run folder, None when there is none yet: the run starts fresh and says so)."""
+    from fastdiff.train import checkpoint as ckpt
+    path = ckpt.find_resume_path(
+        train_cfg.resume_checkpoint, log_dir,
+        log_dir_given=bool(train_cfg.log_dir or os.environ.get("OPENAI_LOGDIR")))
+    if train_cfg.resume_checkpoint == "latest" and path is None:
+        log.info("--resume_checkpoint latest: no complete checkpoint in %s, starting fresh",
+                 log_dir)
+    return path
 
 
 def resolve_log_dir(train_cfg, dist_info):
@@ -335,12 +355,7 @@ def _run(task, model_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_di
     from fastdiff.train import checkpoint as ckpt
     from fastdiff.train.loop import Trainer, seed_everything
     from fastdiff.train.parallel import parallelize
-    resume_path = ckpt.find_resume_path(
-        train_cfg.resume_checkpoint, log_dir,
-        log_dir_given=bool(train_cfg.log_dir or os.environ.get("OPENAI_LOGDIR")))
-    if train_cfg.resume_checkpoint == "latest" and resume_path is None:
-        log.info("--resume_checkpoint latest: no complete checkpoint in %s, starting fresh",
-                 log_dir)
+    resume_path = find_resume_path(train_cfg, log_dir)
     if resume_path:
         ckpt.check_resume_compatible(
             resume_path, {**dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
