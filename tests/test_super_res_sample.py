@@ -154,3 +154,22 @@ def test_classifier_free_guidance_checkpoint_loads(tmp_path):
     base_path, _, _ = base_samples(tmp_path)
     assert run(model_path, base_path, tmp_path / "out", "--num_samples", "1",
                "--timestep_respacing", "2") == 0
+
+
+def test_two_ranks_under_torchrun_write_one_gathered_file(tmp_path):
+    """torchrun: rank r upsamples outputs [2r, 2r + 2) of 3; rank 0 writes them once, in
+    order (GD's arr_0 only)."""
+    import os
+    import subprocess
+    import sys
+    model_path = make_sr_model(tmp_path)
+    base_path, _, _ = base_samples(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastdiff.super_res_sample", "--model_path", str(model_path), "--base_samples",
+         str(base_path), "--log_dir", str(tmp_path / "out"), "--num_samples", "3",
+         "--batch_size", "2", "--timestep_respacing", "3", "--no_progress", "True"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = np.load(tmp_path / "out" / "samples_3x16x16x3.npz")
+    assert list(out.keys()) == ["arr_0"] and out["arr_0"].shape == (3, 16, 16, 3)
