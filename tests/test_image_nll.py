@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,7 +130,7 @@ def test_batch_size_one_does_not_depend_on_the_number_of_ranks(tmp_path):
 
 def test_two_ranks_under_torchrun_give_the_one_process_number(tmp_path):
     """GD's default --batch_size 1: rank r takes images r, r + 2, ...; the all-reduced sums
-    are one process's, bit for bit (each image's noise is seeded from its position)."""
+    are one process's (each image's noise is seeded from its position)."""
     model_path, _, _ = make_checkpoint(tmp_path)
     flags = ["--num_samples", "3", "--batch_size", "1", "--timestep_respacing", "3"]
     proc = subprocess.run(
@@ -142,7 +143,14 @@ def test_two_ranks_under_torchrun_give_the_one_process_number(tmp_path):
     assert image_nll.main(["--model_path", str(model_path), "--out", str(tmp_path / "one.json"),
                            *flags]) == 0
     two, one = (json.loads((tmp_path / n).read_text()) for n in ("two.json", "one.json"))
-    assert two["bpd"] == one["bpd"] and two["terms"] == one["terms"] and two["num_samples"] == 3
+    # Not bitwise: the subprocesses run one thread each, this process as many as pytest has
+    # (CI: 2), and a conv's summation order follows the thread count. 1e-6 relative is ~10x
+    # float32 rounding of these sums; a rank that is not all-reduced moves bpd by ~50%.
+    assert two["num_samples"] == 3
+    assert abs(two["bpd"] - one["bpd"]) <= 1e-6 * abs(one["bpd"])
+    assert two["terms"].keys() == one["terms"].keys()
+    for key in one["terms"]:
+        np.testing.assert_allclose(two["terms"][key], one["terms"][key], rtol=1e-5, atol=1e-7)
 
 
 def test_classifier_free_guidance_checkpoint_loads(tmp_path):
