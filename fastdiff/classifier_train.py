@@ -17,8 +17,8 @@ for the digits quickstart's diffusion model, validated on the held-out digits.
 Differences from GD, as in fastdiff.train: ``step`` counts completed steps (a file after
 N steps is ``modelN.pt``; GD names it N−1); metrics and validation run every
 ``--log_interval`` / ``--eval_interval`` completed steps (GD: at step indices 0, k, 2k, ...);
-fp16 is autocast with fp32 master weights; images from --data_dir are resized and
-center-cropped (GD's classifier training crops at random).
+fp16 is autocast with fp32 master weights. As in GD, --data_dir images are cropped at random
+(GD's random_crop_arr; the choices replay on resume) and --val_data_dir images centre-cropped.
 """
 import dataclasses
 import json
@@ -201,7 +201,8 @@ def build_data(classifier_cfg, train_cfg, dist_info):
                   world_size=dist_info.world_size, seed=train_cfg.seed,
                   num_workers=None if train_cfg.num_workers < 0 else train_cfg.num_workers,
                   pin_memory=dist_info.device.type == "cuda")
-    train = load_data(data_dir=train_cfg.data_dir, **common)
+    # GD's script crops its training data at random and its validation data in the centre.
+    train = load_data(data_dir=train_cfg.data_dir, random_crop=True, **common)
     val = load_data(data_dir=train_cfg.val_data_dir, **common) if train_cfg.val_data_dir else None
     return train, val
 
@@ -260,8 +261,10 @@ def _run(classifier_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir
     tensorboard = None
     if dist_info.is_main and train_cfg.tensorboard and T.tensorboard_available():
         tensorboard = T.TensorBoardLogger(log_dir)
+    # The classifier's own FLOPs per image (not a UNet's): MFU is logged as by fastdiff.train.
     telemetry = T.Telemetry(
         dist_info.device, dist_info.world_size,
+        flops_per_image=T.count_flops_per_image(classifier_cfg),
         peak_flops=T.device_peak_flops(dist_info.device, train_cfg.precision),
         tensorboard=tensorboard, is_main=dist_info.is_main,
         progress=T.progress_enabled(train_cfg.no_progress, dist_info.is_main))
@@ -272,6 +275,8 @@ def _run(classifier_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir
                       schedule=schedule)
     cli.startup_report(dist_info, wrapping, train_cfg, model, data, trainer.optimizer.name,
                        preset_applied)
+    for line in telemetry.describe():
+        log.info("%s", line)
     log.info("classifier: %s, %s; validation: %s", "noised" if train_cfg.noised else "clean",
              f"{train_cfg.iterations} iterations" + (" (annealed lr)" if train_cfg.anneal_lr else ""),
              val_data.source if val_data is not None else "none")

@@ -14,8 +14,11 @@ from fastdiff.data import (
     class_labels,
     list_image_files,
     load_data,
+    resize_and_random_crop,
 )
 from fastdiff.data.image_folder import read_image
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 SIZE = 8  # images are written at this size, so resize/crop is the identity in stream tests
 
@@ -282,6 +285,190 @@ def test_bad_arguments_are_value_errors(tmp_path):
         load_data(data_dir=root, batch_size=1, image_size=SIZE, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         load_data(data_dir=root, batch_size=0, image_size=SIZE)
+
+
+# ---------------------------------------------------------------- random crop (GD's classifier data)
+
+
+def test_random_crop_matches_gd_random_crop_arr_golden():
+    # tools/gd_golden_random_crop.py ran GD's random_crop_arr with its randrange picks forced
+    # (lowest, highest, seeded); the same picks, as draws in the middle of their bins, must give
+    # GD's bytes exactly: the pixel path is the same PIL calls, so no tolerance.
+    fixture = torch.load(os.path.join(FIXTURES, "gd_random_crop.pt"))
+    assert fixture["gd_commit"].startswith("22e0df8")
+    for case in fixture["cases"]:
+        image = Image.fromarray(case["image"].numpy())
+        size = case["image_size"]
+        for run in case["runs"]:
+            ranges, picks = run["ranges"], run["picks"]
+            # GD's short-side range is [ceil(S / 1.0), ceil(S / 0.8)]; offsets start at 0.
+            assert ranges[0].tolist() == [size, -(-size * 5 // 4) + 1]
+            assert ranges[1:, 0].tolist() == [0, 0]
+            draws = ((picks.double() + 0.5) / (ranges[:, 1] - ranges[:, 0]).double()).tolist()
+            out = resize_and_random_crop(image, size, draws)
+            assert np.array_equal(out, run["output"].numpy()), (case["image"].shape, run)
+
+
+def test_random_crop_is_the_hand_run_pil_ops(tmp_path):
+    # A 30×21 (W×H) image, image_size 8: short sides 8..10 (3 choices). Each case below is
+    # worked out by hand from GD's recipe (BOX halvings while the short side is ≥ 2× the drawn
+    # size, BICUBIC to it with Python's round, then the window at the drawn top/left).
+    pixels = np.random.default_rng(7).integers(0, 256, size=(21, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    halved = image.resize((15, 10), resample=Image.BOX)  # 21 ≥ 2·short side for 8, 9 and 10
+    below_one = float(np.nextafter(1.0, 0.0))
+    cases = {
+        # short side 8 (draw 0): 15×10 → round(12.0)×8; the first top and left.
+        (0.0, 0.0, 0.0): (halved.resize((12, 8), resample=Image.BICUBIC), 0, 0),
+        # 9 (0.4·3 → 1): 15×10 → round(13.5)=14 × 9; top 0.99·2 → 1; left 0.5·7 → 3.
+        (0.4, 0.99, 0.5): (halved.resize((14, 9), resample=Image.BICUBIC), 1, 3),
+        # 10 (the last draw below 1): 15×10 → 15×10; the last top (2) and left (7).
+        (below_one, below_one, below_one): (halved.resize((15, 10), resample=Image.BICUBIC),
+                                             2, 7),
+    }
+    for draws, (resized, top, left) in cases.items():
+        expected = np.asarray(resized)[top : top + 8, left : left + 8]
+        assert np.array_equal(resize_and_random_crop(image, 8, draws), expected), draws
+
+    path = str(tmp_path / "img.png")  # read_image with draws: the same crop, in [-1, 1]
+    image.save(path)
+    expected = np.asarray(cases[(0.4, 0.99, 0.5)][0])[1:9, 3:11]
+    expected = torch.from_numpy(expected.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    assert torch.equal(read_image(path, 8, (0.4, 0.99, 0.5)), expected)
+    with pytest.raises(ValueError, match="3 draws"):
+        resize_and_random_crop(image, 8, (0.5, 0.5))
+
+
+def _hand_crops(image, image_size):
+    """Every crop GD's random_crop_arr can return for `image`, keyed by (short side, top, left)
+    (the resize written out by hand, as in the test above)."""
+    crops = {}
+    for short_side in range(image_size, -(-image_size * 5 // 4) + 1):
+        resized = image
+        while min(resized.size) >= 2 * short_side:
+            resized = resized.resize((resized.width // 2, resized.height // 2), Image.BOX)
+        scale = short_side / min(resized.size)
+        resized = np.asarray(resized.resize(
+            (round(resized.width * scale), round(resized.height * scale)), Image.BICUBIC))
+        for top in range(resized.shape[0] - image_size + 1):
+            for left in range(resized.shape[1] - image_size + 1):
+                window = resized[top : top + image_size, left : left + image_size]
+                crops[(short_side, top, left)] = torch.from_numpy(
+                    window.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return crops
+
+
+def _noise_folder(root, sizes):
+    """Random-pixel images f<i>_x.png of the given (width, height): class id = file id."""
+    rng = np.random.default_rng(11)
+    for i, (width, height) in enumerate(sizes):
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, f"f{i}_x.png"))
+    return str(root)
+
+
+def test_random_crop_keeps_order_and_flips_and_varies_the_crop(tmp_path):
+    # Labels name the files; every cropped sample must be one of GD's crops of its file (the
+    # flip applied after the crop), in the order and with the flip of the centre-cropped stream
+    # (the crop draws come from their own generator), and the crops must vary.
+    root = _noise_folder(tmp_path, [(17, 12), (12, 19), (14, 14), (25, 16)])
+    options = dict(data_dir=root, batch_size=2, image_size=8, class_cond=True, seed=9,
+                   num_workers=0)
+    cropped = _batches(load_data(random_crop=True, **options), 12)  # 6 epochs
+    centred = _batches(load_data(**options), 12)
+    files = list_image_files(root)
+    candidates = [_hand_crops(Image.open(f).convert("RGB"), 8) for f in files]
+    centre = [read_image(f, 8) for f in files]
+    chosen = [set() for _ in files]
+    for (x, cond), (x_centre, cond_centre) in zip(cropped, centred):
+        assert torch.equal(cond["y"], cond_centre["y"])
+        for image, image_centre, file_id in zip(x, x_centre, cond["y"].tolist()):
+            flipped = torch.equal(image_centre, centre[file_id].flip(-1))
+            assert flipped or torch.equal(image_centre, centre[file_id])
+            unflipped = image.flip(-1) if flipped else image
+            matches = [k for k, crop in candidates[file_id].items() if torch.equal(crop, unflipped)]
+            assert matches, f"sample of file {file_id} is none of GD's crops"
+            chosen[file_id].update(matches)
+    assert all(len(choices) > 1 for choices in chosen)  # the crop changes between epochs
+    assert {short for choices in chosen for short, _, _ in choices} == {8, 9, 10}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_random_crop_resumes_with_the_same_crops(tmp_path, num_workers):
+    # A crop is a function of (seed, rank, epoch, position in the epoch), so a resumed stream
+    # gives the uninterrupted stream's crops. The corrupt file shifts later samples across read
+    # chunks, so some saved positions fall inside a chunk (a crop keyed by the place in the
+    # chunk instead of the epoch would then differ after the resume).
+    root = _noise_folder(tmp_path, [(13, 10), (10, 15), (20, 11), (12, 12), (16, 9), (11, 18)])
+    (tmp_path / "f2_corrupt.png").write_bytes(b"GIF89a")
+    options = dict(data_dir=root, batch_size=2, image_size=8, random_crop=True, seed=6,
+                   num_workers=num_workers)
+    uninterrupted = _batches(load_data(**options), 8)  # 3 batches per epoch
+    for consumed in range(1, 5):
+        stream = load_data(**options)
+        _batches(stream, consumed)
+        resumed = load_data(**options)
+        resumed.load_state_dict(stream.state_dict())
+        for (x, _), (x_ref, _) in zip(_batches(resumed, 3), uninterrupted[consumed:]):
+            assert torch.equal(x, x_ref), consumed
+    other_seed = _batches(load_data(**{**options, "seed": 7}), 4)
+    assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(other_seed, uninterrupted))
+
+
+# Files and flips of the first two epochs of the stream below, recorded with the loader as it
+# was before random_crop existed (commit be8e2aa).
+PINNED_ORDER = [4, 2, 1, 3, 0, 3, 1, 4, 0, 2]
+PINNED_FLIPS = [True, True, False, True, False, False, False, False, False, True]
+
+
+def test_default_stream_is_the_centre_crop_stream_of_before(tmp_path):
+    # random_crop defaults to off, and off is the stream fastdiff had before it existed: each
+    # sample is read_image's centre crop, and the order and flips for this seed are the ones
+    # recorded from the loader before random_crop was added (pinned literally).
+    root = _noise_folder(tmp_path, [(17, 12), (12, 19), (14, 14), (25, 16), (9, 11)])
+    options = dict(data_dir=root, batch_size=5, image_size=8, class_cond=True, seed=3,
+                   num_workers=0)
+    default = _batches(load_data(**options), 2)
+    explicit = _batches(load_data(random_crop=False, **options), 2)
+    centre = [read_image(f, 8) for f in list_image_files(root)]
+    order, flips = [], []
+    for (x, cond), (x_off, cond_off) in zip(default, explicit):
+        assert torch.equal(x, x_off) and torch.equal(cond["y"], cond_off["y"])
+        for image, file_id in zip(x, cond["y"].tolist()):
+            flipped = torch.equal(image, centre[file_id].flip(-1))
+            assert flipped or torch.equal(image, centre[file_id])
+            order.append(file_id)
+            flips.append(flipped)
+    assert order == PINNED_ORDER and flips == PINNED_FLIPS
+    assert load_data(**options).dataset_summary()["random_crop"] is False
+
+
+def test_digits_are_never_cropped():
+    options = dict(batch_size=16, image_size=12, class_cond=True, seed=2)
+    plain = load_data(**options)
+    asked = load_data(random_crop=True, **options)
+    assert not asked.random_crop
+    for (x, cond), (x_ref, cond_ref) in zip(_batches(asked, 3), _batches(plain, 3)):
+        assert torch.equal(x, x_ref) and torch.equal(cond["y"], cond_ref["y"])
+
+
+def test_classifier_train_crops_training_data_but_not_validation_data(tmp_path):
+    # GD's classifier_train.py: load_data(random_crop=True) for --data_dir, the default
+    # (centre) for --val_data_dir; the digits (no --data_dir) are not cropped.
+    from types import SimpleNamespace
+
+    from fastdiff.classifier_train import build_data
+
+    root = _noise_folder(tmp_path, [(12, 10)] * 4)
+    classifier_cfg = SimpleNamespace(image_size=8)
+    dist_info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    train_cfg = SimpleNamespace(data_dir=root, val_data_dir=root, batch_size=2, seed=0,
+                                class_from="filename", num_workers=0)
+    train, val = build_data(classifier_cfg, train_cfg, dist_info)
+    assert train.random_crop and not val.random_crop
+    train_cfg.data_dir = train_cfg.val_data_dir = ""
+    assert [s.random_crop for s in build_data(classifier_cfg, train_cfg, dist_info)] == [False,
+                                                                                         False]
 
 
 # ---------------------------------------------------------------- embedded digits

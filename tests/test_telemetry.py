@@ -1,6 +1,7 @@
 """Training telemetry: FLOPs per image, peak FLOP/s and MFU, the interval meter, the metrics
 line, the progress bar, TensorBoard, and the metrics a short run writes."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -81,6 +82,86 @@ def test_flops_grow_with_the_model():
     small = T.count_flops_per_image(*tiny_cfgs())
     wide = T.count_flops_per_image(*tiny_cfgs(num_channels=64))
     assert 3.5 * small < wide < 4.5 * small  # conv FLOPs scale with channels²
+
+
+# ------------------------------------------------------------- the classifier's FLOPs
+TINY_CLASSIFIER = dict(image_size=16, classifier_width=32, classifier_depth=1,
+                       classifier_attention_resolutions="8", classifier_channel_mult="1,2")
+
+
+def hand_counted_classifier_flops(model, x, t):
+    """A classifier's forward FLOPs from layer shapes (as hand_counted_forward_flops: 2 per
+    multiply-add over convs, linears and attention's two matmuls, here also the attention
+    pool's H·W + 1 tokens and the spatial heads' linears), and those of its layers whose
+    input needs no gradient (first conv, first time-embed linear)."""
+    per_module = {}
+
+    def hook(module, inputs, output):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            k = math.prod(module.kernel_size)
+            flops = 2 * output.numel() * (module.in_channels // module.groups) * k
+        elif isinstance(module, nn.Linear):
+            flops = 2 * output.numel() * module.in_features
+        else:  # attention: qkv [B, 3·H·C, T] → QK^T and AV, each T·T·C per head
+            batch, width, length = inputs[0].shape
+            flops = 2 * 2 * batch * (width // 3) * length * length
+        per_module[module] = per_module.get(module, 0) + flops
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, MultiHeadQKVAttention))]
+    with torch.no_grad():
+        model(x, t)
+    for h in handles:
+        h.remove()
+    no_input_grad = per_module[model.input_blocks[0][0]] + per_module[model.time_embed[0]]
+    return sum(per_module.values()), no_input_grad
+
+
+@pytest.mark.parametrize("pool", ["attention", "spatial_v2"])
+def test_classifier_flops_per_image_equals_a_hand_count(pool):
+    from fastdiff.models.classifier import create_classifier
+    cfg = C.ClassifierConfig(**TINY_CLASSIFIER, classifier_pool=pool)
+    counted = T.count_flops_per_image(cfg)
+    model = create_classifier(**dataclasses.asdict(cfg))  # GD's modules, CPU, batch 3
+    n = 3
+    forward, no_input_grad = hand_counted_classifier_flops(
+        model, torch.randn(n, 3, 16, 16), torch.randint(0, 1000, (n,)))
+    # As for the UNet: backward = input + weight gradients (2x forward), except that the
+    # first conv and the first time-embedding linear need no input gradient.
+    assert counted == (3 * forward - no_input_grad) // n
+    assert counted > 0
+
+
+def test_classifier_flops_grow_with_width():
+    def flops(width):
+        return T.count_flops_per_image(
+            C.ClassifierConfig(**{**TINY_CLASSIFIER, "classifier_width": width}))
+
+    narrow, wide = flops(64), flops(128)
+    # The convs (most of it) scale with width²; attention's T·T products and the 1000-way
+    # output projection only with width: a ratio just under 4 (measured 3.76).
+    assert 3.5 * narrow < wide < 4 * narrow
+
+
+def test_classifier_train_logs_its_flops_and_mfu(tmp_path, monkeypatch):
+    """fastdiff.classifier_train hands the classifier's count to its telemetry: every metrics
+    row has it, and MFU once a peak is known (a CPU has none: a made-up one here)."""
+    from fastdiff import classifier_train as CT
+    peak = 1e12
+    monkeypatch.setattr(T, "device_peak_flops", lambda device, precision: peak)
+    argv = ["--image_size", "8", "--classifier_width", "32", "--classifier_depth", "1",
+            "--classifier_channel_mult", "1,2", "--classifier_attention_resolutions", "4",
+            "--diffusion_steps", "20", "--batch_size", "4", "--iterations", "2",
+            "--log_interval", "2", "--save_interval", "100", "--tensorboard", "False",
+            "--no_progress", "True", "--log_format", "line"]
+    assert CT.main(argv + ["--log_dir", str(tmp_path / "run")]) == 0
+    classifier_cfg = CT.parse_config(argv)[0]
+    flops = T.count_flops_per_image(classifier_cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows and all(r["flops_per_image"] == flops for r in rows)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(flops * r["images_per_sec"] / peak)
+    assert "model FLOPs per training image" in (tmp_path / "run" / "log.txt").read_text()
 
 
 # --------------------------------------------------------------------- peak and MFU

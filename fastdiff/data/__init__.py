@@ -8,6 +8,7 @@ from .image_folder import (
     class_labels,
     list_image_files,
     resize_and_center_crop,
+    resize_and_random_crop,
 )
 from .loader import DataStream, load_data
 
@@ -25,4 +26,5 @@ __all__ = [
     "list_image_files",
     "load_data",
     "resize_and_center_crop",
+    "resize_and_random_crop",
 ]

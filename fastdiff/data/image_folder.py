@@ -1,9 +1,13 @@
 """A folder of images, read the way guided-diffusion's image_datasets.py reads it.
 
-Listing order, class ids, sharding and the resize/crop are guided-diffusion's (GD below), so a
-run on the same folder sees the same pixels. Randomness (order, flips) is not decided here: the
-loader (fastdiff/data/loader.py) picks it, so that it can be replayed on resume.
+Listing order, class ids, sharding and the resize/crop (centre, or GD's random crop for
+classifier training) are guided-diffusion's (GD below), so a run on the same folder sees the same
+pixels. Randomness (order, flips, crop choices) is not decided here: the loader
+(fastdiff/data/loader.py) draws it, so that it can be replayed on resume; a random crop gets its
+choices as numbers in [0, 1) and turns them into GD's integers here, where the image's size is
+known.
 """
+import math
 import os
 
 import numpy as np
@@ -95,22 +99,66 @@ def _class_folder(path, data_dir):
     return parts[0]
 
 
+# GD's random_crop_arr defaults: the crop covers 80%..100% of the resized image's short side.
+RANDOM_CROP_MIN_FRAC, RANDOM_CROP_MAX_FRAC = 0.8, 1.0
+RANDOM_CROP_DRAWS = 3  # numbers in [0, 1) per crop: short side, top offset, left offset
+
+
+def _resize_short_side(image, short_side):
+    """A PIL image → uint8 HWC array whose short side is `short_side` (GD's resize).
+
+    Box-filter halvings first (while the short side is at least twice the target) so the final
+    bicubic step never shrinks by more than 2× and does not alias; then bicubic to the target
+    (each side rounded with Python's round, as GD).
+    """
+    while min(image.size) >= 2 * short_side:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = short_side / min(image.size)
+    new_size = (round(image.width * scale), round(image.height * scale))
+    return np.asarray(image.resize(new_size, resample=Image.BICUBIC))
+
+
 def resize_and_center_crop(image, image_size):
     """GD's center_crop_arr: a PIL image → uint8 HWC array of image_size × image_size.
 
-    Box-filter halvings first (while the short side is at least twice the target) so the final
-    bicubic step never shrinks by more than 2× and does not alias; then bicubic so the short side
-    becomes image_size (each side rounded with Python's round, as GD), then the centre crop
-    (offsets rounded down).
+    The short side is resized to image_size (_resize_short_side), then the centre crop (offsets
+    rounded down).
     """
-    while min(image.size) >= 2 * image_size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = image_size / min(image.size)
-    new_size = (round(image.width * scale), round(image.height * scale))
-    image = image.resize(new_size, resample=Image.BICUBIC)
-    pixels = np.asarray(image)
+    pixels = _resize_short_side(image, image_size)
     top = (pixels.shape[0] - image_size) // 2
     left = (pixels.shape[1] - image_size) // 2
+    return pixels[top : top + image_size, left : left + image_size]
+
+
+def random_crop_short_sides(image_size):
+    """The short sides GD's random_crop_arr resizes to: [ceil(S / 1.0), ceil(S / 0.8)]."""
+    return (math.ceil(image_size / RANDOM_CROP_MAX_FRAC),
+            math.ceil(image_size / RANDOM_CROP_MIN_FRAC))
+
+
+def _choose(draw, count):
+    """The integer in [0, count) that a draw in [0, 1) picks, uniformly (GD: randrange(count)).
+
+    The min() guards the draw's last float step, whose product may round up to count.
+    """
+    return min(int(draw * count), count - 1)
+
+
+def resize_and_random_crop(image, image_size, draws):
+    """GD's random_crop_arr with its three random choices made by `draws` (3 numbers in [0, 1)).
+
+    GD draws the short side uniformly from random_crop_short_sides(image_size), resizes to it
+    (_resize_short_side), then draws the top and the left offset uniformly from every offset
+    that keeps the image_size × image_size crop inside. Here draws[0..2] pick those three
+    integers, so the loader can replay them; the pixel arithmetic is GD's.
+    """
+    if len(draws) != RANDOM_CROP_DRAWS:
+        raise ValueError(f"a random crop needs {RANDOM_CROP_DRAWS} draws, got {len(draws)}")
+    shortest, longest = random_crop_short_sides(image_size)
+    short_side = shortest + _choose(draws[0], longest - shortest + 1)
+    pixels = _resize_short_side(image, short_side)
+    top = _choose(draws[1], pixels.shape[0] - image_size + 1)
+    left = _choose(draws[2], pixels.shape[1] - image_size + 1)
     return pixels[top : top + image_size, left : left + image_size]
 
 
@@ -120,15 +168,21 @@ def to_model_range(pixels):
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
-def read_image(path, image_size):
-    """Decode, convert to RGB, resize and crop one file → float32 [3, S, S] in [-1, 1]."""
+def read_image(path, image_size, crop_draws=None):
+    """Decode, convert to RGB, resize and crop one file → float32 [3, S, S] in [-1, 1].
+
+    The crop is the centre one, or GD's random crop chosen by `crop_draws`
+    (resize_and_random_crop) when they are given.
+    """
     try:
         with Image.open(path) as image:
             image.load()
             rgb = image.convert("RGB")
     except _UNREADABLE_ERRORS as err:
         raise UnreadableImage(path, f"{type(err).__name__}: {err}") from None
-    return to_model_range(resize_and_center_crop(rgb, image_size))
+    if crop_draws is None:
+        return to_model_range(resize_and_center_crop(rgb, image_size))
+    return to_model_range(resize_and_random_crop(rgb, image_size, crop_draws))
 
 
 class ImageFolderDataset:
@@ -161,6 +215,7 @@ class ImageFolderDataset:
     def __len__(self):
         return len(self.files)
 
-    def load(self, index):
-        """Image `index` of this shard; raises UnreadableImage for a corrupt file."""
-        return read_image(self.files[index], self.image_size)
+    def load(self, index, crop_draws=None):
+        """Image `index` of this shard, centre-cropped or randomly cropped by `crop_draws`
+        (read_image); raises UnreadableImage for a corrupt file."""
+        return read_image(self.files[index], self.image_size, crop_draws)

@@ -1,9 +1,10 @@
 """An infinite, sharded, resumable stream of (images, {"y": labels}) batches — GD's load_data.
 
 Every random choice is a function of (seed, rank, epoch, position in the epoch): the epoch's
-order is a permutation drawn from a generator seeded with (seed, rank, epoch), and the flip of
-the sample at a position from another such generator. Worker scheduling and prefetching thus
-cannot change the stream, and (epoch, position of the next sample) is all a resumed run needs.
+order is a permutation drawn from a generator seeded with (seed, rank, epoch), the flip of the
+sample at a position from another such generator, and (with random_crop) the three numbers that
+choose its crop from a third. Worker scheduling and prefetching thus cannot change the stream,
+and (epoch, position of the next sample) is all a resumed run needs.
 
 Batches are always full (GD's drop_last=True): the samples of an epoch are cut into batches of
 batch_size in order and the remainder is dropped. A corrupt file is warned about once and left
@@ -19,22 +20,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .digits import DigitsDataset
-from .image_folder import CLASS_SOURCES, DataError, ImageFolderDataset, UnreadableImage
+from .image_folder import (
+    CLASS_SOURCES,
+    RANDOM_CROP_DRAWS,
+    DataError,
+    ImageFolderDataset,
+    UnreadableImage,
+)
 
 logger = logging.getLogger(__name__)
 
-_ORDER_STREAM, _FLIP_STREAM = 0, 1
+_ORDER_STREAM, _FLIP_STREAM, _CROP_STREAM = 0, 1, 2
 _MAX_DEFAULT_WORKERS = 4
 
 
 def load_data(*, data_dir=None, batch_size, image_size, class_cond=False, deterministic=False,
-              random_flip=True, class_from="filename", rank=0, world_size=1, seed=0,
-              num_workers=None, pin_memory=False):
+              random_flip=True, random_crop=False, class_from="filename", rank=0, world_size=1,
+              seed=0, num_workers=None, pin_memory=False):
     """The training batch stream: an infinite iterator of (x [B,3,S,S] float32, cond).
 
     cond is {"y": LongTensor [B]} when class_cond, else {} (GD's format). Without data_dir
     (None or "", GD's default) the embedded digits are used. deterministic=True keeps the file
-    order every epoch (GD's no-shuffle mode); flips stay random, as in GD. class_from chooses
+    order every epoch (GD's no-shuffle mode); flips stay random, as in GD. random_crop=True
+    crops a folder's images as GD's random_crop_arr (short side resized to a random size in
+    [S, ceil(S / 0.8)], then a random S×S window; GD's classifier training data) instead of
+    the centre crop; the embedded digits are never cropped (the digit fills its 8×8 frame, a
+    crop would cut strokes off). class_from chooses
     the class of an image folder: "filename" (GD: the prefix before the first "_") or "folder"
     (the first subfolder, torchvision's ImageFolder). num_workers defaults to min(4, CPUs) for
     a folder and 0 for the in-memory digits. The returned DataStream has state_dict() /
@@ -62,13 +73,14 @@ def load_data(*, data_dir=None, batch_size, image_size, class_cond=False, determ
         dataset = DigitsDataset(image_size, class_cond=class_cond, rank=rank,
                                 world_size=world_size)
         default_workers = 0
+        random_crop = False
     if len(dataset) < batch_size:
         raise DataError(
             f"{dataset.source} gives rank {rank} of {world_size} {len(dataset)} images, "
             f"fewer than batch_size={batch_size}"
         )
     order = _EpochOrder(len(dataset), seed=seed, rank=rank, shuffle=not deterministic,
-                        random_flip=random_flip)
+                        random_flip=random_flip, random_crop=bool(random_crop))
     return DataStream(dataset, order, batch_size=batch_size, rank=rank, world_size=world_size,
                       num_workers=default_workers if num_workers is None else num_workers,
                       pin_memory=pin_memory)
@@ -87,14 +99,16 @@ def _cpu_count():
 
 
 class _EpochOrder:
-    """Per-epoch sample order and flips, each a pure function of (seed, rank, epoch).
+    """Per-epoch sample order, flips and crop draws, each a pure function of (seed, rank, epoch).
 
     The rank is part of the key so that ranks, which read different files, do not share one
-    flip pattern.
+    flip pattern. Each kind of choice has its own generator, so turning one on or off leaves
+    the others (and thus every existing stream) unchanged.
     """
 
-    def __init__(self, num_items, *, seed, rank, shuffle, random_flip):
+    def __init__(self, num_items, *, seed, rank, shuffle, random_flip, random_crop=False):
         self.num_items = num_items
+        self.random_crop = random_crop
         self._key = (seed, rank)
         self._shuffle = shuffle
         self._random_flip = random_flip
@@ -114,6 +128,14 @@ class _EpochOrder:
             return np.zeros(self.num_items, dtype=bool)
         return self._generator(epoch, _FLIP_STREAM).random(self.num_items) < 0.5
 
+    def crop_draws(self, epoch):
+        """[num_items, 3] numbers in [0, 1) that choose the crop at each position, or None
+        without random_crop (the image's size, needed to turn them into pixels, is known only
+        where it is read)."""
+        if not self.random_crop:
+            return None
+        return self._generator(epoch, _CROP_STREAM).random((self.num_items, RANDOM_CROP_DRAWS))
+
 
 @dataclass
 class _Chunk:
@@ -123,6 +145,7 @@ class _Chunk:
     positions: list
     indices: list
     flips: list
+    crop_draws: list  # per position: a tuple of 3 numbers in [0, 1), or None (centre crop)
     epoch_end: bool  # the epoch has no positions after these
 
 
@@ -157,6 +180,7 @@ class _ChunkSampler:
         while True:
             permutation = self._order.permutation(epoch)
             flips = self._order.flips(epoch)
+            crops = self._order.crop_draws(epoch)
             while position < num_items:
                 positions = []
                 while position < num_items and len(positions) < self._chunk_size:
@@ -164,7 +188,10 @@ class _ChunkSampler:
                         positions.append(position)
                     position += 1
                 yield _Chunk(epoch, positions, [int(permutation[p]) for p in positions],
-                             [bool(flips[p]) for p in positions], position >= num_items)
+                             [bool(flips[p]) for p in positions],
+                             [None if crops is None else tuple(crops[p].tolist())
+                              for p in positions],
+                             position >= num_items)
             epoch, position = epoch + 1, 0
 
 
@@ -176,9 +203,12 @@ class _ChunkReader(Dataset):
 
     def __getitem__(self, chunk):
         images, positions, labels, unreadable = [], [], [], []
-        for position, index, flip in zip(chunk.positions, chunk.indices, chunk.flips):
+        for position, index, flip, crop_draws in zip(chunk.positions, chunk.indices,
+                                                     chunk.flips, chunk.crop_draws):
             try:
-                image = self._dataset.load(index)
+                # Only a folder is ever cropped at random; the digits' load takes no draws.
+                image = (self._dataset.load(index) if crop_draws is None
+                         else self._dataset.load(index, crop_draws))
             except UnreadableImage as err:
                 unreadable.append((index, err))
                 continue
@@ -270,6 +300,11 @@ class DataStream:
         """Number of classes, or None for a folder read without labels."""
         return self.dataset.num_classes
 
+    @property
+    def random_crop(self):
+        """Whether images are cropped at random (GD's random_crop_arr) rather than centred."""
+        return self._order.random_crop
+
     def dataset_summary(self):
         """A dict describing the data for the startup log."""
         return {
@@ -279,6 +314,7 @@ class DataStream:
             "num_classes": self.num_classes,
             "class_cond": self.dataset.labels is not None,
             "image_size": self.dataset.image_size,
+            "random_crop": self.random_crop,
             "batch_size": self.batch_size,
             "rank": self.rank,
             "world_size": self.world_size,

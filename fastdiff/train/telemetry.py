@@ -22,10 +22,10 @@ GIB = float(2 ** 30)
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def count_flops_per_image(model_cfg, diff_cfg):
-    """Training FLOPs of one image: forward + backward of the UNet, counted from the model.
+def count_flops_per_image(model_cfg, diff_cfg=None):
+    """Training FLOPs of one image: forward + backward of the model, counted from the model.
 
-    A fresh copy of the UNet is built from ``model_cfg`` (and ``diff_cfg.learn_sigma``)
+    A fresh copy of the model is built from ``model_cfg`` (and ``diff_cfg.learn_sigma``)
     with GD's plain modules (torch GroupNorm, einsum attention), so every conv, matmul and
     einsum is visible to ``torch.utils.flop_counter.FlopCounterMode``; it runs one image
     (batch 1), timestep and class embeddings included, forward then backward, on the meta
@@ -34,28 +34,20 @@ def count_flops_per_image(model_cfg, diff_cfg):
     count recomputation. Normalisation and elementwise ops are not counted (the convention).
     A ``SuperResModelConfig`` counts GD's super-res UNet at ``large_size``, given a
     ``low_res`` image at ``small_size`` (its bilinear upsampling is elementwise: not counted).
+    A ``ClassifierConfig`` counts GD's noisy-image classifier (``EncoderUNetModel``, its
+    pooling head included) on one ``image_size`` image; ``diff_cfg`` is not needed there
+    (the classifier's outputs do not depend on the diffusion).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastdiff.models import create_model
-    from fastdiff.models.super_res import sr_create_model
-
-    kwargs = dataclasses.asdict(model_cfg)
-    kwargs.update(use_checkpoint=False, use_fp16=False, learn_sigma=diff_cfg.learn_sigma,
-                  norm_backend="torch", attention_backend="math")
-    super_res = "large_size" in kwargs
-    create = sr_create_model if super_res else create_model
-    image_size = kwargs["large_size"] if super_res else kwargs["image_size"]
+    build, image_size, extra_inputs = _flops_model_builder(model_cfg, diff_cfg)
 
     def count_on(device):
         # A private RNG state: on the CPU, initialisation and inputs would otherwise draw from
         # the training stream.
         with torch.random.fork_rng(devices=[]), torch.device(device):
-            model = create(**kwargs)
-            extra = None
-            if super_res:
-                small = kwargs["small_size"]
-                extra = {"low_res": torch.randn(1, 3, small, small, device=device)}
+            model = build()
+            extra = {name: make(device) for name, make in extra_inputs.items()}
             return _count_train_flops(model, image_size, device, FlopCounterMode, extra)
 
     try:
@@ -64,15 +56,36 @@ def count_flops_per_image(model_cfg, diff_cfg):
         return count_on("cpu")
 
 
+def _flops_model_builder(model_cfg, diff_cfg):
+    """(a function building the plain-module model of ``model_cfg``, its image size, the
+    extra model inputs as {name: function(device) -> tensor})."""
+    from fastdiff.models import create_model
+    from fastdiff.models.classifier import create_classifier
+    from fastdiff.models.super_res import sr_create_model
+
+    kwargs = dataclasses.asdict(model_cfg)
+    plain = dict(norm_backend="torch", attention_backend="math")
+    if "classifier_width" in kwargs:  # a ClassifierConfig (no checkpointing flag: GD's has none)
+        kwargs.update(classifier_use_fp16=False, **plain)
+        return (lambda: create_classifier(**kwargs)), kwargs["image_size"], {}
+    kwargs.update(use_checkpoint=False, use_fp16=False, learn_sigma=diff_cfg.learn_sigma, **plain)
+    if "large_size" in kwargs:
+        small = kwargs["small_size"]
+        low_res = {"low_res": lambda device: torch.randn(1, 3, small, small, device=device)}
+        return (lambda: sr_create_model(**kwargs)), kwargs["large_size"], low_res
+    return (lambda: create_model(**kwargs)), kwargs["image_size"], {}
+
+
 def _count_train_flops(model, image_size, device, counter_cls, extra_inputs=None):
     """FLOPs counted by ``counter_cls`` over one forward + backward of ``model`` on one image
     (``extra_inputs``: more model kwargs, e.g. the super-res model's ``low_res``; its own input
-    channels then hold them too, so the image has 3)."""
+    channels then hold them too, so the image has 3). A class-conditional UNet gets label 0;
+    a classifier (no ``num_classes``: the labels are its outputs) none."""
     channels = 3 if extra_inputs else model.in_channels
     x = torch.randn(1, channels, image_size, image_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     kwargs = dict(extra_inputs or {})
-    if model.num_classes is not None:
+    if getattr(model, "num_classes", None) is not None:
         kwargs["y"] = torch.zeros(1, dtype=torch.long, device=device)
     with torch.enable_grad(), counter_cls(display=False) as counter:
         model(x, t, **kwargs).sum().backward()
