@@ -15,7 +15,6 @@ from .layers import (
     ATTENTION_BACKENDS,
     NORM_BACKENDS,
     AttentionBlock,
-    Downsample,
     QKVAttention,
     ResBlock,
     TimestepEmbedSequential,
@@ -29,7 +28,7 @@ from .layers import (
     timestep_embedding,
     zero_module,
 )
-from .unet import NUM_CLASSES, _attention_downsample_rates, _parse_channel_mult
+from .unet import NUM_CLASSES, _attention_downsample_rates, _parse_channel_mult, encoder_blocks
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
@@ -123,33 +122,18 @@ class EncoderUNetModel(nn.Module):
                                   use_new_attention_order=use_new_attention_order,
                                   norm_backend=norm_backend, attention_backend=attention_backend)
 
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
-        # The spatial heads read the mean of every block's output: their widths add up.
-        feature_size = ch
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention_block(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                feature_size += ch
-            if level != len(channel_mult) - 1:
-                down = (res_block(ch, ch, down=True) if resblock_updown
-                        else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                ds *= 2
-                feature_size += ch
+        self.input_blocks, widths, ds = encoder_blocks(
+            dims, in_channels, model_channels, channel_mult, num_res_blocks,
+            attention_resolutions, res_block, attention_block, resblock_updown, conv_resample)
+        ch = widths[-1]
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch),
             attention_block(ch),
             res_block(ch),
         )
-        feature_size += ch
+        # The spatial heads read the mean of every block's output: their widths add up.
+        feature_size = sum(widths) + ch
         self._feature_size = feature_size
 
         if pool == "adaptive":

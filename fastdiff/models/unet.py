@@ -38,6 +38,38 @@ DEFAULT_CHANNEL_MULT = {
 }
 
 
+def encoder_blocks(dims, in_channels, model_channels, channel_mult, num_res_blocks,
+                   attention_resolutions, res_block, attention_block, resblock_updown,
+                   conv_resample):
+    """GD's encoder half, shared by the UNet and the classifier (``input_blocks``).
+
+    A 3×3 input conv, then per level ``num_res_blocks`` ResBlocks (each followed by an
+    attention block where the downsample rate is in ``attention_resolutions``) and, between
+    levels, a downsampling ResBlock or ``Downsample``. ``res_block(ch, out_ch, down=False)``
+    and ``attention_block(ch)`` build the blocks. Returns (the ``nn.ModuleList``, the channel
+    count after each of its blocks, the final downsample rate).
+    """
+    ch = int(channel_mult[0] * model_channels)
+    blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+    widths = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res_block(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attention_block(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != len(channel_mult) - 1:
+            down = (res_block(ch, ch, down=True) if resblock_updown
+                    else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
+            blocks.append(TimestepEmbedSequential(down))
+            widths.append(ch)
+            ds *= 2
+    return blocks, widths, ds
+
+
 class UNetModel(nn.Module):
     """GD's UNet with timestep (and optional class) conditioning and attention.
 
@@ -112,25 +144,12 @@ class UNetModel(nn.Module):
                                   use_new_attention_order=use_new_attention_order,
                                   norm_backend=norm_backend, attention_backend=attention_backend)
 
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention_block(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                down = (res_block(ch, ch, down=True) if resblock_updown
-                        else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_channels.append(ch)
-                ds *= 2
+        input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks, skip_channels, ds = encoder_blocks(
+            dims, in_channels, model_channels, channel_mult, num_res_blocks,
+            attention_resolutions, res_block, lambda ch: attention_block(ch, num_heads),
+            resblock_updown, conv_resample)
+        ch = skip_channels[-1]
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch),
