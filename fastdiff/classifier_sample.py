@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from fastdiff import config as C
 from fastdiff.runtime import run_cli, setup_distributed, setup_logging, teardown_distributed
 from fastdiff.sampling import (fill_model_flags_from_run, gather_and_write, generate, label_count,
-                               load_model, output_dir, read_run_config)
-from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
+                               load_gd_file, load_model, output_dir, read_run_config)
 
 log = logging.getLogger("fastdiff")
 
@@ -73,14 +72,8 @@ def load_classifier(path, classifier_cfg, diff_cfg, backends, device):
     file; ``backends`` = (norm_backend, attention_backend), resolved. A missing file or one
     that does not fit the flags fails with CheckpointError before anything is built on the
     device."""
-    state = load_state_dict_file(path)
-    norm_backend, attention_backend = backends
-    classifier, diffusion = C.create_classifier_and_diffusion(
-        **dataclasses.asdict(classifier_cfg), **dataclasses.asdict(diff_cfg),
-        norm_backend=norm_backend, attention_backend=attention_backend)
-    check_state_dict_fits(state, classifier.state_dict(), path)
-    classifier.load_state_dict(state)
-    return classifier.to(device).eval(), diffusion
+    return load_gd_file(path, C.create_classifier_and_diffusion, (classifier_cfg, diff_cfg),
+                        device, norm_backend=backends[0], attention_backend=backends[1])
 
 
 def fill_classifier_flags_from_run(args, given, classifier_path):

@@ -141,33 +141,43 @@ def read_run_config(model_path):
     return {}
 
 
-def fill_model_flags_from_run(args, given, model_path):
-    """Set the model and diffusion flags not given on the command line (``given``) to the
-    values of the run that wrote ``model_path``; returns that run's config ({} if none).
-    The respacing is the caller's choice, never the run's."""
+def fill_model_flags_from_run(args, given, model_path,
+                              classes=(C.ModelConfig, C.DiffusionConfig)):
+    """Set the flags of ``classes`` (the model's and the diffusion's) not given on the command
+    line (``given``) to the values of the run that wrote ``model_path``; returns that run's
+    config ({} if none). The respacing is the caller's choice, never the run's."""
     run_cfg = read_run_config(model_path)
-    for f in dataclasses.fields(C.ModelConfig) + dataclasses.fields(C.DiffusionConfig):
-        if f.name not in given and f.name in run_cfg and f.name != "timestep_respacing":
-            setattr(args, f.name, run_cfg[f.name])
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name not in given and f.name in run_cfg and f.name != "timestep_respacing":
+                setattr(args, f.name, run_cfg[f.name])
     return run_cfg
+
+
+def load_gd_file(path, create, configs, device, *, null_row=False, **factory_kwargs):
+    """(module in eval mode on ``device``, diffusion): ``create`` (a GD factory: image model,
+    super-res model or classifier) called with the fields of ``configs`` and
+    ``factory_kwargs``, then the GD-format file's weights, strictly. A missing file fails
+    before anything is built, one that does not fit the flags after: CheckpointError.
+    ``null_row``: a checkpoint of a run with label dropout gets the null-class row of
+    classifier-free guidance by itself (:func:`checkpoint_class_dropout_prob`)."""
+    state = load_state_dict_file(path)
+    if null_row:
+        factory_kwargs["class_dropout_prob"] = checkpoint_class_dropout_prob(path, state)
+    flags = {k: v for cfg in configs for k, v in dataclasses.asdict(cfg).items()}
+    module, diffusion = create(**flags, **factory_kwargs)
+    check_state_dict_fits(state, module.state_dict(), path)
+    module.load_state_dict(state)
+    return module.to(device).eval(), diffusion
 
 
 def load_model(model_path, model_cfg, diff_cfg, norm_backend, attention_backend, device,
                precision="fp32"):
-    """(model in eval mode on ``device``, diffusion) with the weights of a GD-format file;
-    a missing file or one that does not fit the flags fails with CheckpointError.
-
-    A checkpoint of a run with label dropout gets the null-class row of classifier-free
-    guidance by itself (:func:`checkpoint_class_dropout_prob`)."""
-    state = load_state_dict_file(model_path)  # a missing file fails before the model is built
+    """(model in eval mode on ``device``, diffusion) with the weights of a GD-format file
+    (:func:`load_gd_file`; the null-class row comes by itself)."""
     norm_b, attn_b = C.resolve_backends(norm_backend, attention_backend, device.type, precision)
-    model, diffusion = C.create_model_and_diffusion(
-        **dataclasses.asdict(model_cfg), **dataclasses.asdict(diff_cfg),
-        norm_backend=norm_b, attention_backend=attn_b,
-        class_dropout_prob=checkpoint_class_dropout_prob(model_path, state))
-    check_state_dict_fits(state, model.state_dict(), model_path)
-    model.load_state_dict(state)
-    return model.to(device).eval(), diffusion
+    return load_gd_file(model_path, C.create_model_and_diffusion, (model_cfg, diff_cfg), device,
+                        null_row=True, norm_backend=norm_b, attention_backend=attn_b)
 
 
 # Any p > 0 builds the null-class row, and sampling never drops labels: the stand-in for a

@@ -21,9 +21,8 @@ from fastdiff import config as C
 from fastdiff.data import DataError
 from fastdiff.models.unet import NUM_CLASSES
 from fastdiff.runtime import run_cli, setup_distributed, setup_logging, teardown_distributed
-from fastdiff.sampling import (checkpoint_class_dropout_prob, gather_and_write, generate,
-                               output_dir, read_run_config)
-from fastdiff.train.checkpoint import check_state_dict_fits, load_state_dict_file
+from fastdiff.sampling import (fill_model_flags_from_run, gather_and_write, generate,
+                               load_gd_file, output_dir)
 
 log = logging.getLogger("fastdiff")
 
@@ -101,25 +100,16 @@ def to_low_res(images, device):
 def fill_sr_flags_from_run(args, given, model_path):
     """The super-resolution model and diffusion flags not on the command line, from the
     config.json beside ``model_path`` (not the respacing: the caller's choice); returns it."""
-    run_cfg = read_run_config(model_path)
-    for f in dataclasses.fields(C.SuperResModelConfig) + dataclasses.fields(C.DiffusionConfig):
-        if f.name not in given and f.name in run_cfg and f.name != "timestep_respacing":
-            setattr(args, f.name, run_cfg[f.name])
-    return run_cfg
+    return fill_model_flags_from_run(args, given, model_path,
+                                     classes=(C.SuperResModelConfig, C.DiffusionConfig))
 
 
 def load_sr_model(model_path, sr_cfg, diff_cfg, backends, device):
     """(super-resolution model in eval mode on ``device``, diffusion) with the weights of a
     GD-format file; CheckpointError when missing or not fitting the flags. A run with label
     dropout gets its null-class row by itself, as in :func:`fastdiff.sampling.load_model`."""
-    state = load_state_dict_file(model_path)
-    model, diffusion = C.sr_create_model_and_diffusion(
-        **dataclasses.asdict(sr_cfg), **dataclasses.asdict(diff_cfg),
-        class_dropout_prob=checkpoint_class_dropout_prob(model_path, state),
-        norm_backend=backends[0], attention_backend=backends[1])
-    check_state_dict_fits(state, model.state_dict(), model_path)
-    model.load_state_dict(state)
-    return model.to(device).eval(), diffusion
+    return load_gd_file(model_path, C.sr_create_model_and_diffusion, (sr_cfg, diff_cfg), device,
+                        null_row=True, norm_backend=backends[0], attention_backend=backends[1])
 
 
 def main(argv=None):
