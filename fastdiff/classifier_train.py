@@ -236,7 +236,6 @@ def _run(classifier_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir
     from fastdiff.diffusion import create_named_schedule_sampler
     from fastdiff.train import checkpoint as ckpt
     from fastdiff.train import cli
-    from fastdiff.train import telemetry as T
     from fastdiff.train.loop import Trainer, seed_everything
     from fastdiff.train.objectives import ClassifierObjective, ClassifierSchedule
     from fastdiff.train.parallel import parallelize
@@ -258,16 +257,8 @@ def _run(classifier_cfg, diff_cfg, train_cfg, preset_applied, dist_info, log_dir
                                     val_data=val_data, eval_interval=train_cfg.eval_interval)
     schedule = ClassifierSchedule(train_cfg.lr, train_cfg.iterations, train_cfg.anneal_lr,
                                   train_cfg.max_steps)
-    tensorboard = None
-    if dist_info.is_main and train_cfg.tensorboard and T.tensorboard_available():
-        tensorboard = T.TensorBoardLogger(log_dir)
-    # The classifier's own FLOPs per image (not a UNet's): MFU is logged as by fastdiff.train.
-    telemetry = T.Telemetry(
-        dist_info.device, dist_info.world_size,
-        flops_per_image=T.count_flops_per_image(classifier_cfg),
-        peak_flops=T.device_peak_flops(dist_info.device, train_cfg.precision),
-        tensorboard=tensorboard, is_main=dist_info.is_main,
-        progress=T.progress_enabled(train_cfg.no_progress, dist_info.is_main))
+    # fastdiff.train's instruments; the FLOPs per image (for MFU) are the classifier's own.
+    telemetry = cli.build_telemetry(classifier_cfg, diff_cfg, train_cfg, dist_info, log_dir)
     trainer = Trainer(model=model, diffusion=diffusion, data=data,
                       schedule_sampler=objective.sampler, cfg=train_cfg, dist_info=dist_info,
                       log_dir=log_dir, run_meta={"config": effective}, telemetry=telemetry,
